@@ -1,0 +1,51 @@
+# tls-relay: `make run` and `make test` work on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= config/relay.yaml
+DEBS    := postfix swaks
+
+.PHONY: run test check lint bench deps venv clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages for the real-peer tests (Postfix as the receiving MX, swaks as client).
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing (Debian packages)"; exit 1; fi; \
+	fi
+
+var/certs/cert.pem: | $(STAMP)
+	$(BIN)/tls-relay gen-cert --hostname localhost --out var/certs
+
+run: $(STAMP) var/certs/cert.pem
+	$(BIN)/tls-relay serve -c $(CONFIG)
+
+test: $(STAMP) deps
+	$(BIN)/python -m pytest -q -ra
+
+check: $(STAMP)
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check relay tests
+	$(BIN)/mypy
+
+bench: $(STAMP) deps
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache
