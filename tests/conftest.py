@@ -1,0 +1,29 @@
+"""Shared pytest fixtures. Peer-specific fixtures live in tests/fixtures/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority for the whole test session."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_cert(ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(cert.pem, key.pem) for 'localhost' signed by the test CA."""
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path = tmp_path / "cert.pem"
+    key_path = tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for pem in cert.cert_chain_pems[1:]:
+        with cert_path.open("ab") as fh:
+            fh.write(pem.bytes())
+    cert.private_key_pem.write_to_path(str(key_path))
+    yield cert_path, key_path
