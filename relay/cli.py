@@ -1,0 +1,137 @@
+"""Command line front end: ``tls-relay SUBCOMMAND ...``.
+
+Role: parse arguments, find the config file, call one function per subcommand and
+turn RelayErrors into a message on stderr and an exit code.
+Not: any mail logic; each subcommand's work lives in the module named below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay.errors import ConfigError, RelayError
+
+DEFAULT_CONFIG = "config/relay.yaml"
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """-c FILE, else $TLS_RELAY_CONFIG, else config/relay.yaml."""
+    chosen = getattr(args, "config", None) or os.environ.get("TLS_RELAY_CONFIG") or DEFAULT_CONFIG
+    return Path(chosen)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help=f"config file (default {DEFAULT_CONFIG})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tls-relay", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run listeners, queue manager and delivery")
+    _add_config(p)
+
+    p = sub.add_parser("check-config", help="validate config and TLS policy")
+    _add_config(p)
+
+    p = sub.add_parser("policy", help="show what delivery to DOMAIN would require")
+    p.add_argument("domain")
+    _add_config(p)
+
+    p = sub.add_parser("queue", help="inspect and manage the spool")
+    _add_config(p)
+    qsub = p.add_subparsers(dest="queue_command", required=True)
+    q = qsub.add_parser("list", help="list queued messages")
+    q.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_config(q)
+    for name, helptext in (
+        ("show", "envelope, headers and per-recipient history"),
+        ("hold", "keep a message from being delivered"),
+        ("release", "release a held message"),
+        ("delete", "remove a message without a bounce"),
+        ("bounce", "bounce a message to its sender now"),
+    ):
+        q = qsub.add_parser(name, help=helptext)
+        q.add_argument("id")
+        _add_config(q)
+    q = qsub.add_parser("retry", help="make a message (or all) due now")
+    q.add_argument("id", nargs="?")
+    q.add_argument("--all", action="store_true")
+    _add_config(q)
+
+    p = sub.add_parser("gen-cert", help="self-signed ECDSA P-256 certificate and key")
+    p.add_argument("--hostname", default="localhost")
+    p.add_argument("--out", default=".", help="directory for cert.pem and key.pem")
+
+    p = sub.add_parser("passwd", help="add or change a user in the users file")
+    p.add_argument("user")
+    _add_config(p)
+    return parser
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat: ") != first:
+            raise RelayError("passwords do not match")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from relay import config as configmod
+
+    cmd = args.command
+    if cmd == "gen-cert":
+        from relay import certs
+
+        cert, key = certs.gen_cert(args.hostname, Path(args.out))
+        print(f"wrote {cert} and {key} (ECDSA P-256, SAN {args.hostname})")
+        return 0
+    path = config_path(args)
+    if cmd == "check-config":
+        cfg = configmod.load(path)
+        print(configmod.summary(cfg))
+        return 0
+    if cmd == "passwd":
+        from relay import users
+
+        cfg_users = configmod.load_users_file_path(path)
+        users.set_password(cfg_users, args.user, _read_password())
+        print(f"{cfg_users}: password for {args.user} set")
+        return 0
+    cfg = configmod.load(path)
+    if cmd == "serve":
+        from relay import app
+
+        return app.serve(cfg)
+    if cmd == "policy":
+        from relay import policyreport
+
+        print(policyreport.report(cfg, args.domain))
+        return 0
+    if cmd == "queue":
+        from relay import queuecli
+
+        return queuecli.run(cfg, args)
+    raise AssertionError(f"unhandled command {cmd}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except RelayError as exc:
+        print(f"tls-relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
