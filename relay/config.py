@@ -127,6 +127,7 @@ class DeliveryConfig:
     max_mx_hosts: int = 5
     connection_reuse: bool = True
     max_messages_per_connection: int = 100
+    ca_file: Path | None = None  # CA bundle for verify/secure; None: the system bundle
     # RFC 5321 4.5.3.2 client timeouts, plus an overall deadline per attempt.
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
