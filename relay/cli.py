@@ -26,11 +26,15 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE", help=f"config file (default {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help=f"config file (default {DEFAULT_CONFIG})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tls-relay", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="tls-relay", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run listeners, queue manager and delivery")

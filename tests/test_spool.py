@@ -1,0 +1,174 @@
+"""Spool: durable write path, envelope round trip, recovery, locks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
+from relay.spool import (
+    Attempt,
+    ClientInfo,
+    Envelope,
+    RcptState,
+    Recipient,
+    Spool,
+    durable_write,
+)
+
+
+def make_env(spool: Spool, *rcpts: str) -> Envelope:
+    return Envelope(
+        id=spool.new_id(),
+        created=1_700_000_000.0,
+        sender="app@corp.test",
+        recipients=[Recipient(address=r, options=["NOTIFY=FAILURE"]) for r in rcpts],
+        mail_options=["BODY=8BITMIME"],
+        client=ClientInfo(ip="127.0.0.1", port=4000, helo="app", tls_version="TLSv1.3"),
+        size=5,
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    return s
+
+
+def test_store_then_load_round_trips(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test", "b@y.test")
+    spool.store(env, b"hello")
+    loaded = spool.load(env.id)
+    assert loaded == env
+    assert spool.read_data(env.id) == b"hello"
+    assert spool.ids() == [env.id]
+
+
+def test_update_keeps_recipient_history(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    spool.store(env, b"x")
+    env.recipients[0].state = RcptState.DEFERRED
+    env.recipients[0].record(Attempt(at=1.0, outcome="transient", reason="451 try later", mx="mx"))
+    spool.update(env)
+    again = spool.load(env.id)
+    assert again.recipients[0].state is RcptState.DEFERRED
+    assert again.recipients[0].last_reason == "451 try later"
+    assert again.recipients[0].history[0].mx == "mx"
+
+
+def test_hold_and_release_move_the_envelope(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    spool.store(env, b"x")
+    spool.hold(env.id)
+    assert spool.ids() == [] and spool.ids(held=True) == [env.id]
+    assert spool.load(env.id).held
+    spool.release(env.id)
+    assert spool.ids() == [env.id]
+    with pytest.raises(MessageNotFound):
+        spool.release(env.id)
+
+
+def test_ids_from_outside_cannot_escape_the_spool(spool: Spool) -> None:
+    with pytest.raises(MessageNotFound):
+        spool.load("../../etc/passwd")
+
+
+def test_recover_removes_orphans_and_quarantines_damage(spool: Spool) -> None:
+    good = make_env(spool, "a@x.test")
+    spool.store(good, b"x")
+    (spool.data_dir / "ORPHAN1").write_bytes(b"never acknowledged")
+    (spool.queue_dir / ".tmp-half.json.abcd").write_bytes(b"{")
+    (spool.queue_dir / "BROKEN1.json").write_bytes(b"{not json")
+    (spool.data_dir / "BROKEN1").write_bytes(b"data")
+    nodata = make_env(spool, "b@x.test")
+    spool.store(nodata, b"y")
+    spool.data_path(nodata.id).unlink()
+
+    actions = spool.recover()
+
+    assert spool.ids() == [good.id]
+    assert not (spool.data_dir / "ORPHAN1").exists()
+    assert not list(spool.queue_dir.glob(".tmp-*"))
+    quarantined = sorted(p.name.split(".")[0] for p in spool.quarantine_dir.iterdir())
+    assert "BROKEN1" in quarantined and nodata.id in quarantined
+    assert any("BROKEN1" in a for a in actions)
+
+
+def test_corrupt_envelope_is_reported(spool: Spool) -> None:
+    with pytest.raises(CorruptMessage):
+        Envelope.from_json(b'{"version": 99}')
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    target_dir = tmp_path / "ro"
+    target_dir.mkdir()
+    os.chmod(target_dir, 0o500)
+    try:
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permissions; the tmpfs test covers ENOSPC")
+        with pytest.raises(SpoolError):
+            durable_write(target_dir / "f", b"data")
+    finally:
+        os.chmod(target_dir, 0o700)
+
+
+def test_enospc_is_spool_full_and_leaves_no_temp(tmp_path: Path) -> None:
+    """A real full file system: a 64 KiB tmpfs (needs root, as in CI)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        spool = Spool(mnt)
+        spool.setup()
+        env = make_env(spool, "a@x.test")
+        from relay.errors import SpoolFullError
+
+        with pytest.raises(SpoolFullError):
+            spool.store(env, b"x" * 200_000)
+        assert list(spool.data_dir.iterdir()) == []
+        assert spool.ids() == []
+        small = make_env(spool, "b@x.test")
+        spool.store(small, b"fits")  # the spool keeps working once space is there
+        assert spool.ids() == [small.id]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from relay.spool import Spool
+s = Spool(Path(sys.argv[1]))
+with s.lock(sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_lock_is_exclusive_across_processes(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    spool.store(env, b"x")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(spool.root), env.id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(MessageBusy), spool.lock(env.id):
+            pass
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    with spool.lock(env.id):
+        pass
