@@ -1,0 +1,176 @@
+"""Certificates: generate a self-signed pair for a first run, and check a configured pair.
+
+Role: ``gen_cert`` writes an ECDSA P-256 certificate (SAN = hostname) and its key for a
+lab; ``check_pair`` lists what is wrong with a configured cert/key so the config loader
+can report it; ``fingerprint_sha256`` formats a DER fingerprint the way openssl does.
+Not: building ``ssl.SSLContext`` objects (tlsctx.py), or trusting anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relay.errors import CertificateError
+
+VALIDITY = dt.timedelta(days=365)
+_BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
+
+
+def fingerprint_sha256(der: bytes) -> str:
+    """SHA-256 of a DER certificate as upper-case hex pairs joined by colons (like openssl)."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return ":".join(f"{b:02X}" for b in digest.finalize())
+
+
+def _san_for(hostname: str) -> list[x509.GeneralName]:
+    try:
+        ip = ipaddress.ip_address(hostname)
+    except ValueError:
+        return [x509.DNSName(hostname)]
+    # RFC 6125: an IP literal is matched against an iPAddress SAN, never a dNSName.
+    return [x509.DNSName(hostname), x509.IPAddress(ip)]
+
+
+def _build_cert(hostname: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(_san_for(hostname)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def gen_cert(hostname: str, out: Path) -> tuple[Path, Path]:
+    """Write ``out/cert.pem`` and ``out/key.pem`` (mode 0600); return their paths."""
+    if not hostname or any(ch.isspace() for ch in hostname):
+        raise CertificateError(f"gen-cert: not a usable host name (got {hostname!r})")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _build_cert(hostname, key)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_path, key_path = out / "cert.pem", out / "key.pem"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Key first: a cert.pem without its key would look like a finished pair.
+        _write_atomic(key_path, key_pem, 0o600)
+        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as exc:
+        raise CertificateError(f"gen-cert: cannot write to {out}: {exc.strerror}") from exc
+    return cert_path, key_path
+
+
+Problem = tuple[str, str]  # ("cert" | "key", sentence without the path)
+
+
+def _read(path: Path, which: str, problems: list[Problem]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        problems.append((which, f"file is unreadable: {exc.strerror or exc}"))
+        return None
+
+
+def _load_cert(data: bytes, problems: list[Problem]) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        problems.append(("cert", "file is not a PEM certificate"))
+        return None
+
+
+def _load_key(data: bytes, problems: list[Problem]) -> object | None:
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        problems.append(("key", "key is encrypted; a key without passphrase is needed"))
+    except ValueError:
+        problems.append(("key", "file is not a PEM private key"))
+    except UnsupportedAlgorithm:
+        problems.append(("key", "file holds an unsupported kind of private key"))
+    return None
+
+
+def _public_der(obj: object) -> bytes:
+    public = obj.public_key()  # type: ignore[attr-defined]  # keys and certificates
+    der: bytes = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
+def _validity(certificate: x509.Certificate, when: dt.datetime) -> list[Problem]:
+    if certificate.not_valid_after_utc < when:
+        return [("cert", f"certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")]
+    if certificate.not_valid_before_utc > when:
+        start = certificate.not_valid_before_utc
+        return [("cert", f"certificate is not valid before {start:%Y-%m-%d %H:%M} UTC")]
+    return []
+
+
+def pair_problems(cert: Path, key: Path, now: dt.datetime | None = None) -> list[Problem]:
+    """What is wrong with a cert/key pair, each tagged with the file it concerns.
+
+    Checks: both readable, both PEM, the certificate is inside its validity period at
+    *now*, and the key matches the (first) certificate in the file.
+    """
+    problems: list[Problem] = []
+    cert_data = _read(cert, "cert", problems)
+    key_data = _read(key, "key", problems)
+    certificate = _load_cert(cert_data, problems) if cert_data is not None else None
+    private = _load_key(key_data, problems) if key_data is not None else None
+    if certificate is None:
+        return problems
+    problems.extend(_validity(certificate, now or dt.datetime.now(dt.UTC)))
+    if private is not None and _public_der(private) != _public_der(certificate):
+        problems.append(("key", "key does not match the certificate"))
+    return problems
+
+
+def check_pair(cert: Path, key: Path, now: dt.datetime | None = None) -> list[str]:
+    """Problems with a certificate/key pair as sentences naming the file (empty: usable)."""
+    paths = {"cert": cert, "key": key}
+    return [f"{paths[which]}: {text}" for which, text in pair_problems(cert, key, now)]
