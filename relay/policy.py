@@ -1,0 +1,227 @@
+"""TLS policy: the outbound TLS verdict, as pure functions of values.
+
+Role: from the configured policy (:func:`requirement`) and what the MX peer offered and
+proved in the handshake (:class:`Observed`), decide whether a message may be handed to
+that MX (:func:`decide` → :class:`Verdict`).  Certificate name matching per RFC 6125
+(:func:`name_matches`) and TLS version ordering (:func:`version_rank`) live here too.
+
+Not: sockets, TLS handshakes, DNS, clocks or logging.  The delivery module performs the
+handshake and reports facts; this module only judges them.  A failed verdict is always a
+reason to defer and try the next MX, never to bounce, never to fall back to plaintext.
+MTA-STS and DANE are not implemented: a DANE level fails closed.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+
+from relay.config import PolicyConfig, TlsLevel
+
+
+@dataclass(frozen=True)
+class Requirement:
+    level: TlsLevel
+    min_version: ssl.TLSVersion
+    mx_host: str  # name to match for `verify` (and SNI)
+    secure_names: tuple[str, ...]  # for `secure`: the domain + `match` (".x" = any subdomain)
+    source: str  # "static policy domains['example.com']" or "static policy default"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Facts from one connection attempt, reported by delivery."""
+
+    starttls_offered: bool
+    starttls_code: int | None = None  # reply code to STARTTLS (None: not sent / implicit TLS)
+    handshake_error: str | None = None  # str(exc) when the handshake failed
+    chain_verified: bool = False  # handshake done with CERT_REQUIRED against the CA bundle
+    tls_version: str | None = None  # "TLSv1.3"
+    cipher: str | None = None
+    cert_names: tuple[str, ...] = ()  # dNSName SANs of the peer cert (CN only if no SAN)
+    cert_fingerprint: str | None = None  # sha256 hex
+    implicit_tls: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``ok``: deliver over this session.  ``level_met``: the highest level the session
+    satisfies (also when not ok, e.g. ENCRYPT when VERIFY was required and the name did
+    not match); None when no usable TLS session was established."""
+
+    ok: bool
+    level_met: TlsLevel | None
+    reason: str
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().rstrip(".")
+
+
+def requirement(policy: PolicyConfig, domain: str, mx_host: str) -> Requirement:
+    """What delivery of mail for *domain* through *mx_host* requires (static policy only;
+    MTA-STS and DANE could only ever raise this, never lower it)."""
+    domain = _norm(domain)
+    configured, source = policy.for_domain(domain)
+    names = (
+        domain,
+        *(_norm(m) if not m.startswith(".") else "." + _norm(m[1:]) for m in configured.match),
+    )
+    return Requirement(
+        level=configured.level,
+        min_version=configured.min_version,
+        mx_host=_norm(mx_host),
+        secure_names=tuple(dict.fromkeys(names)),
+        source=source,
+    )
+
+
+# ---- TLS versions --------------------------------------------------------------------------
+
+_TLS_RE = re.compile(r"^TLSv(\d+)(?:[._](\d+))?$", re.IGNORECASE)
+_SSL_RANKS = {"sslv2": 2, "sslv3": 3}
+
+
+def version_rank(v: str) -> int:
+    """Order protocol names: SSLv2 < SSLv3 < TLSv1 < TLSv1.1 < TLSv1.2 < TLSv1.3 (< TLSv1.4).
+    Accepts ``ssl.TLSVersion`` names too ("TLSv1_2").  Unknown names rank 0, below all."""
+    text = v.strip()
+    match = _TLS_RE.match(text)
+    if match:
+        return 100 * int(match.group(1)) + int(match.group(2) or 0) + 100
+    return _SSL_RANKS.get(text.lower(), 0)
+
+
+def _version_name(v: ssl.TLSVersion) -> str:
+    if v is ssl.TLSVersion.MINIMUM_SUPPORTED:
+        return "SSLv3"
+    if v is ssl.TLSVersion.MAXIMUM_SUPPORTED:
+        return "TLSv1.3"
+    return v.name.replace("_", ".")  # TLSv1_2 -> TLSv1.2
+
+
+# ---- certificate names (RFC 6125 §6.4) ---------------------------------------------------------
+
+
+def _a_labels(name: str) -> str | None:
+    """Case-folded A-label form of *name* (RFC 6125 §6.4.2: compare A-labels), or None
+    if it is not a valid host name."""
+    name = _norm(name)
+    if not name or any(not label for label in name.split(".")):
+        return None
+    labels = []
+    for label in name.split("."):
+        if label == "*" or label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(label.encode("idna").decode("ascii").lower())
+        except UnicodeError:
+            return None
+    return ".".join(labels)
+
+
+def name_matches(cert_name: str, wanted: str) -> bool:
+    """Does the certificate's DNS name *cert_name* cover the host name *wanted*?
+
+    RFC 6125 §6.4.3: a wildcard is accepted only as the whole leftmost label ("*.x.y"),
+    matches exactly one label (never across dots, never the bare parent), and is refused
+    directly under a single-label suffix ("*.com").  Partial wildcards ("f*.x.y") and
+    wildcards anywhere else never match.  Comparison is case-insensitive on A-labels.
+    """
+    presented = _a_labels(cert_name)
+    reference = _a_labels(wanted)
+    if presented is None or reference is None or "*" in reference:
+        return False
+    if "*" not in presented:
+        return presented == reference
+    first, _, rest = presented.partition(".")
+    if first != "*" or "*" in rest or rest.count(".") < 1:
+        return False  # partial, misplaced or too-broad wildcard
+    label, dot, ref_rest = reference.partition(".")
+    return bool(label) and bool(dot) and ref_rest == rest
+
+
+def _secure_name_matches(cert_name: str, entry: str) -> bool:
+    """`secure` entries: "example.com" is matched as a host name; ".example.com" accepts
+    any name strictly below example.com, including a wildcard covering only such names."""
+    if not entry.startswith("."):
+        return name_matches(cert_name, entry)
+    parent = _a_labels(entry[1:])
+    presented = _a_labels(cert_name)
+    if parent is None or presented is None:
+        return False
+    if presented.startswith("*."):
+        # "*.S" covers one label below S: all below `parent` iff S is parent or below it.
+        suffix = presented[2:]
+        if "*" in suffix or suffix.count(".") < 1:
+            return False
+        return suffix == parent or suffix.endswith("." + parent)
+    return "*" not in presented and presented.endswith("." + parent)
+
+
+# ---- the verdict -----------------------------------------------------------------------------
+
+
+def _fail(reason: str, level_met: TlsLevel | None = None) -> Verdict:
+    return Verdict(False, level_met, reason)
+
+
+def _names_text(names: tuple[str, ...]) -> str:
+    return ", ".join(names) if names else "(none)"
+
+
+def _session_problem(req: Requirement, obs: Observed) -> str | None:
+    """Why there is no acceptable TLS session at all, or None if there is one."""
+    if not obs.implicit_tls and not obs.starttls_offered:
+        return "STARTTLS not offered by MX (downgrade or misconfiguration); refusing plaintext"
+    if (
+        not obs.implicit_tls
+        and obs.starttls_code is not None
+        and not 200 <= obs.starttls_code < 300
+    ):
+        # RFC 3207 §4: 454 = TLS not available; any non-2xx means no TLS, so no mail.
+        return f"MX answered {obs.starttls_code} to STARTTLS; refusing to continue in plaintext"
+    if obs.handshake_error is not None:
+        return f"TLS handshake with MX failed: {obs.handshake_error}"
+    if obs.tls_version is None:
+        return "no TLS session was established with MX; refusing plaintext"
+    wanted = _version_name(req.min_version)
+    if version_rank(obs.tls_version) < version_rank(wanted):
+        return f"MX negotiated {obs.tls_version}, below the required minimum {wanted}"
+    return None
+
+
+def decide(req: Requirement, obs: Observed) -> Verdict:
+    """Deliver over this session or not, with a one-sentence reason."""
+    if req.level >= TlsLevel.DANE:
+        # Fail closed: a level we cannot check is never treated as a weaker one.
+        return _fail(
+            "DANE is not implemented in this version "
+            f"(level {req.level.label} required by {req.source}); refusing to deliver"
+        )
+    problem = _session_problem(req, obs)
+    if problem is not None:
+        return _fail(problem)
+    # Like Postfix: `verify` checks the MX host name; `secure` checks the recipient
+    # domain / match list *instead*, so a spoofed MX name cannot satisfy it.
+    names = _names_text(obs.cert_names)
+    secure_ok = any(_secure_name_matches(n, e) for n in obs.cert_names for e in req.secure_names)
+    if not obs.chain_verified:
+        met = TlsLevel.ENCRYPT
+        verify_problem = "certificate chain could not be verified against the CA bundle"
+        secure_problem = verify_problem
+    else:
+        mx_ok = any(name_matches(n, req.mx_host) for n in obs.cert_names)
+        met = TlsLevel.SECURE if secure_ok else TlsLevel.VERIFY if mx_ok else TlsLevel.ENCRYPT
+        verify_problem = f"certificate names ({names}) do not match MX host {req.mx_host}"
+        secure_problem = (
+            f"certificate names ({names}) match none of {_names_text(req.secure_names)}"
+        )
+    if met < req.level:
+        problem = verify_problem if req.level == TlsLevel.VERIFY else secure_problem
+        return _fail(f"level {req.level.label} required ({req.source}) but {problem}", met)
+    return Verdict(
+        True, met, f"{obs.tls_version} session meets level {req.level.label} (met {met.label})"
+    )
