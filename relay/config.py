@@ -1,29 +1,28 @@
 """Configuration: YAML loaded once, validated once, into frozen typed objects.
 
-Role: turn ``config/relay.yaml`` (and the TLS policy it names) into a
-:class:`Config`, or raise :class:`relay.errors.ConfigError` listing *every*
-problem as ``FILE: key.path: problem (got VALUE)``.
+Role: the typed settings every other module uses (:class:`Config` and its parts),
+and the entry points that turn ``config/relay.yaml`` (and the TLS policy it names)
+into them, or raise :class:`relay.errors.ConfigError` listing *every* problem as
+``FILE: key.path: problem (got VALUE)``. This module knows the sections and keys of
+relay.yaml; generic value checks and YAML reading live in ``relay.configcheck``,
+the TLS policy part in ``relay.configpolicy``. Other modules import only from here.
 Not: opening sockets, reading users, or deciding TLS verdicts at delivery time.
 """
 
 from __future__ import annotations
 
-import difflib
 import enum
 import ipaddress
-import json
-import re
 import socket
 import ssl
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from relay import certs, units, users
+from relay import configcheck as check
+from relay.configcheck import is_dns_name as is_dns_name  # public API, re-exported
 from relay.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -191,255 +190,30 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
-# Loading.  Each section parser takes a _Ctx (file name for messages, directory
-# for relative paths, the shared problem list), the key path and the raw YAML
-# value; it records problems and returns a value, or None when it cannot.
+# Sections of relay.yaml.  Each parser takes a check.Ctx (file name for messages,
+# directory for relative paths, the shared problem list; see relay.configcheck)
+# and the raw YAML value; it records problems and returns a value, or None when
+# it cannot.  The `policy:` section is parsed by relay.configpolicy.
 # ---------------------------------------------------------------------------
 
-_MISSING: Any = object()
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
-_OLD_TLS = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1"}
-_LEVELS = {"encrypt": TlsLevel.ENCRYPT, "verify": TlsLevel.VERIFY, "secure": TlsLevel.SECURE}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_PLAINTEXT_MSG = "plaintext is never allowed; use encrypt, verify or secure"
-_DANE_MSG = (
-    "DANE is not implemented in this version; refusing rather than pretending to enforce it "
-    "(use encrypt, verify or secure)"
-)
 
 
-@dataclass
-class _Ctx:
-    file: str  # as shown in messages
-    base: Path  # directory that relative paths are relative to (absolute)
-    problems: list[str]
-
-    def add(self, where: str, problem: str, got: Any = _MISSING) -> None:
-        line = f"{self.file}: {where}: {problem}" if where else f"{self.file}: {problem}"
-        self.problems.append(line if got is _MISSING else f"{line} (got {_show(got)})")
-
-    def path(self, raw: str) -> Path:
-        return (self.base / Path(raw).expanduser()).resolve()
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, Path) else repr(str(value))
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _keyed(where: str, key: str) -> str:
-    return f"{where}[{json.dumps(key)}]"
-
-
-def _mapping(
-    ctx: _Ctx, where: str, raw: Any, known: Sequence[str], required: Sequence[str] = ()
-) -> dict[str, Any] | None:
-    """A mapping with only *known* keys and all *required* ones, else problems."""
-    if not isinstance(raw, Mapping):
-        ctx.add(where, "must be a mapping of keys to values", raw)
-        return None
-    for key in raw:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            tip = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
-            ctx.add(_join(where, str(key)), f"unknown key{tip}")
-    for key in required:
-        if raw.get(key) is None:
-            ctx.add(_join(where, key), "required key is missing")
-    return {str(k): v for k, v in raw.items() if k in known and v is not None}
-
-
-def _int(ctx: _Ctx, where: str, raw: Any, low: int = 1, high: int | None = None) -> int | None:
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        ctx.add(where, "must be a whole number", raw)
-    elif raw < low or (high is not None and raw > high):
-        ctx.add(
-            where, f"must be between {low} and {high}" if high else f"must be at least {low}", raw
-        )
-    else:
-        return raw
-    return None
-
-
-def _bool(ctx: _Ctx, where: str, raw: Any) -> bool | None:
-    if isinstance(raw, bool):
-        return raw
-    ctx.add(where, "must be true or false", raw)
-    return None
-
-
-def _str(ctx: _Ctx, where: str, raw: Any) -> str | None:
-    if isinstance(raw, str) and raw.strip():
-        return raw.strip()
-    ctx.add(where, "must be a non-empty string", raw)
-    return None
-
-
-def _duration(ctx: _Ctx, where: str, raw: Any, allow_zero: bool = False) -> float | None:
-    try:
-        seconds = units.parse_duration(raw)
-    except ValueError as exc:
-        ctx.add(where, str(exc), raw)
-        return None
-    if seconds == 0 and not allow_zero:
-        ctx.add(where, "must be longer than zero", raw)
-        return None
-    return seconds
-
-
-def _size(ctx: _Ctx, where: str, raw: Any) -> int | None:
-    try:
-        size = units.parse_size(raw)
-    except ValueError as exc:
-        ctx.add(where, str(exc), raw)
-        return None
-    if size == 0:
-        ctx.add(where, "must be larger than zero", raw)
-        return None
-    return size
-
-
-def _list(ctx: _Ctx, where: str, raw: Any, nonempty: bool = False) -> list[Any] | None:
-    if not isinstance(raw, list):
-        ctx.add(where, "must be a list", raw)
-        return None
-    if nonempty and not raw:
-        ctx.add(where, "must list at least one entry", raw)
-        return None
-    return raw
-
-
-def is_dns_name(name: str) -> bool:
-    """RFC 1035 section 2.3.1 host name (letters, digits, hyphens), not an IP literal."""
-    name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 253 or name.replace(".", "").isdigit():
-        return False
-    return all(_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _file(ctx: _Ctx, where: str, raw: Any) -> Path | None:
-    """A path that must name a readable file."""
-    text = _str(ctx, where, raw)
-    if text is None:
-        return None
-    path = ctx.path(text)
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        ctx.add(where, f"file is unreadable: {exc.strerror or exc}", raw)
-        return None
-    return path
-
-
-def _tls_version(ctx: _Ctx, where: str, raw: Any) -> ssl.TLSVersion | None:
-    if isinstance(raw, str) and raw in _TLS_VERSIONS:
-        return _TLS_VERSIONS[raw]
-    if isinstance(raw, str) and raw in _OLD_TLS:
-        ctx.add(where, "versions below TLSv1.2 are not allowed (RFC 8996)", raw)
-    else:
-        ctx.add(where, "must be 'TLSv1.2' or 'TLSv1.3'", raw)
-    return None
-
-
-# --- addresses --------------------------------------------------------------
-
-
-def _split_hostport(text: str) -> tuple[str, str, bool] | None:
-    """'[h]:p' or 'h:p' -> (host, port text, bracketed); None if not of that shape."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            return None
-        return host, rest[1:], True
-    host, sep, port = text.rpartition(":")
-    if not sep or ":" in host:
-        return None
-    return host, port, False
-
-
-def _port(text: str) -> int | None:
-    if text.isdigit() and 1 <= int(text) <= 65535:
-        return int(text)
-    return None
-
-
-def _bind_address(ctx: _Ctx, where: str, raw: Any) -> tuple[str, int] | None:
-    """Listener/metrics address: IP literal or localhost, with a port; [v6]:port form."""
-    shape = "must be HOST:PORT with an IP address or localhost, and '[::1]:587' for IPv6"
-    parts = _split_hostport(raw) if isinstance(raw, str) else None
-    if parts is None:
-        ctx.add(where, shape, raw)
-        return None
-    host, port_text, bracketed = parts
-    port = _port(port_text)
-    if port is None:
-        ctx.add(where, "port must be a number from 1 to 65535", raw)
-    try:
-        ip = ipaddress.ip_address(host)
-        if (ip.version == 6) != bracketed:
-            ctx.add(where, shape, raw)
-            return None
-    except ValueError:
-        if host != "localhost" or bracketed:
-            ctx.add(where, shape, raw)
-            return None
-    return (host, port) if port is not None else None
-
-
-def _via(ctx: _Ctx, where: str, raw: Any) -> tuple[str, int] | None:
-    """Route next hop: '[host]:port' (no MX lookup) or 'host:port'."""
-    parts = _split_hostport(raw) if isinstance(raw, str) else None
-    port = _port(parts[1]) if parts else None
-    if parts is None or port is None or not _route_host_ok(parts[0], parts[2]):
-        ctx.add(where, "must be '[host]:port' or 'host:port' with a port from 1 to 65535", raw)
-        return None
-    return parts[0].lower(), port
-
-
-def _route_host_ok(host: str, bracketed: bool) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return is_dns_name(host)
-    return bracketed or ip.version == 4
-
-
-def _network(ctx: _Ctx, where: str, raw: Any) -> IPNetwork | None:
-    text = raw if isinstance(raw, str) else ""
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError:
-        pass
-    try:
-        fixed = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        ctx.add(where, "must be a network in CIDR form such as 10.0.0.0/8 or ::1/128", raw)
-        return None
-    ctx.add(where, f"host bits are set; did you mean {fixed}?", raw)
-    return None
-
-
-# --- sections ---------------------------------------------------------------
-
-
-def _listeners(ctx: _Ctx, raw: Any) -> tuple[Listener, ...]:
-    items = _list(ctx, "listeners", raw, nonempty=True) or []
+def _listeners(ctx: check.Ctx, raw: Any) -> tuple[Listener, ...]:
+    items = check.entries(ctx, "listeners", raw, nonempty=True) or []
     seen: dict[tuple[str, int], int] = {}
     result: list[Listener] = []
     for i, item in enumerate(items):
         where = f"listeners[{i}]"
-        data = _mapping(ctx, where, item, ("address", "tls"), required=("address",))
+        data = check.mapping(ctx, where, item, ("address", "tls"), required=("address",))
         if data is None:
             continue
         addr = (
-            _bind_address(ctx, f"{where}.address", data["address"]) if "address" in data else None
+            check.bind_address(ctx, f"{where}.address", data["address"])
+            if "address" in data
+            else None
         )
-        tls = _listener_tls(ctx, f"{where}.tls", data.get("tls", _MISSING))
+        tls = _listener_tls(ctx, f"{where}.tls", data.get("tls", check.MISSING))
         if addr in seen:
             ctx.add(f"{where}.address", f"duplicate of listeners[{seen[addr]}]", data["address"])
         elif addr is not None:
@@ -449,8 +223,8 @@ def _listeners(ctx: _Ctx, raw: Any) -> tuple[Listener, ...]:
     return tuple(result)
 
 
-def _listener_tls(ctx: _Ctx, where: str, raw: Any) -> ListenerTls | None:
-    if raw is _MISSING:
+def _listener_tls(ctx: check.Ctx, where: str, raw: Any) -> ListenerTls | None:
+    if raw is check.MISSING:
         ctx.add(where, "required key is missing; every listener needs TLS: starttls or implicit")
         return None
     try:
@@ -460,13 +234,13 @@ def _listener_tls(ctx: _Ctx, where: str, raw: Any) -> ListenerTls | None:
         return None
 
 
-def _server_tls(ctx: _Ctx, raw: Any) -> ServerTls | None:
-    data = _mapping(ctx, "tls", raw, ("cert", "key", "min_version"), ("cert", "key"))
+def _server_tls(ctx: check.Ctx, raw: Any) -> ServerTls | None:
+    data = check.mapping(ctx, "tls", raw, ("cert", "key", "min_version"), ("cert", "key"))
     if data is None:
         return None
-    cert = _str(ctx, "tls.cert", data["cert"]) if "cert" in data else None
-    key = _str(ctx, "tls.key", data["key"]) if "key" in data else None
-    version = _tls_version(ctx, "tls.min_version", data.get("min_version", "TLSv1.2"))
+    cert = check.string(ctx, "tls.cert", data["cert"]) if "cert" in data else None
+    key = check.string(ctx, "tls.key", data["key"]) if "key" in data else None
+    version = check.tls_version(ctx, "tls.min_version", data.get("min_version", "TLSv1.2"))
     if cert is None or key is None:
         return None
     cert_path, key_path = ctx.path(cert), ctx.path(key)
@@ -477,16 +251,18 @@ def _server_tls(ctx: _Ctx, raw: Any) -> ServerTls | None:
     return ServerTls(cert=cert_path, key=key_path, min_version=version)
 
 
-def _clients(ctx: _Ctx, raw: Any) -> Clients:
-    data = _mapping(ctx, "clients", raw, ("networks", "users_file")) or {}
+def _clients(ctx: check.Ctx, raw: Any) -> Clients:
+    data = check.mapping(ctx, "clients", raw, ("networks", "users_file")) or {}
     networks: list[IPNetwork] = []
-    for i, item in enumerate(_list(ctx, "clients.networks", data.get("networks", [])) or []):
-        net = _network(ctx, f"clients.networks[{i}]", item)
+    for i, item in enumerate(
+        check.entries(ctx, "clients.networks", data.get("networks", [])) or []
+    ):
+        net = check.network(ctx, f"clients.networks[{i}]", item)
         if net is not None:
             networks.append(net)
     users_file = None
     if "users_file" in data:
-        users_file = _file(ctx, "clients.users_file", data["users_file"])
+        users_file = check.readable_file(ctx, "clients.users_file", data["users_file"])
         problem = users.check_file(users_file) if users_file else None
         if problem:
             ctx.add("clients.users_file", problem, data["users_file"])
@@ -503,18 +279,20 @@ _LIMIT_INTS = (
 _LIMIT_DURATIONS = ("auth_failure_window", "command_timeout", "data_timeout")
 
 
-def _limits(ctx: _Ctx, raw: Any) -> Limits:
+def _limits(ctx: check.Ctx, raw: Any) -> Limits:
     known = ("max_message_size", *_LIMIT_INTS, *_LIMIT_DURATIONS)
-    data = _mapping(ctx, "limits", raw, known) or {}
+    data = check.mapping(ctx, "limits", raw, known) or {}
     kwargs: dict[str, Any] = {}
     if "max_message_size" in data:
-        kwargs["max_message_size"] = _size(ctx, "limits.max_message_size", data["max_message_size"])
+        kwargs["max_message_size"] = check.size(
+            ctx, "limits.max_message_size", data["max_message_size"]
+        )
     for key in _LIMIT_INTS:
         if key in data:
-            kwargs[key] = _int(ctx, f"limits.{key}", data[key])
+            kwargs[key] = check.integer(ctx, f"limits.{key}", data[key])
     for key in _LIMIT_DURATIONS:
         if key in data:
-            kwargs[key] = _duration(ctx, f"limits.{key}", data[key])
+            kwargs[key] = check.duration(ctx, f"limits.{key}", data[key])
     limits = Limits(**{k: v for k, v in kwargs.items() if v is not None})
     if limits.max_connections_per_ip > limits.max_connections:
         where = "limits.max_connections_per_ip"
@@ -522,26 +300,26 @@ def _limits(ctx: _Ctx, raw: Any) -> Limits:
     return limits
 
 
-def _spool(ctx: _Ctx, raw: Any) -> SpoolConfig | None:
-    data = _mapping(ctx, "spool", raw, ("path",), required=("path",))
-    text = _str(ctx, "spool.path", data["path"]) if data and "path" in data else None
+def _spool(ctx: check.Ctx, raw: Any) -> SpoolConfig | None:
+    data = check.mapping(ctx, "spool", raw, ("path",), required=("path",))
+    text = check.string(ctx, "spool.path", data["path"]) if data and "path" in data else None
     return SpoolConfig(path=ctx.path(text)) if text else None
 
 
-def _queue(ctx: _Ctx, raw: Any) -> QueueConfig:
+def _queue(ctx: check.Ctx, raw: Any) -> QueueConfig:
     known = ("retry", "max_lifetime", "delay_warning", "shutdown_grace")
-    data = _mapping(ctx, "queue", raw, known) or {}
+    data = check.mapping(ctx, "queue", raw, known) or {}
     kwargs: dict[str, Any] = {}
     if "retry" in data:
-        steps = _list(ctx, "queue.retry", data["retry"], nonempty=True)
-        parsed = [_duration(ctx, f"queue.retry[{i}]", v) for i, v in enumerate(steps or [])]
+        steps = check.entries(ctx, "queue.retry", data["retry"], nonempty=True)
+        parsed = [check.duration(ctx, f"queue.retry[{i}]", v) for i, v in enumerate(steps or [])]
         if steps and None not in parsed:
             kwargs["retry"] = tuple(p for p in parsed if p is not None)
     for key in ("max_lifetime", "delay_warning"):
         if key in data:
-            kwargs[key] = _duration(ctx, f"queue.{key}", data[key])
+            kwargs[key] = check.duration(ctx, f"queue.{key}", data[key])
     if "shutdown_grace" in data:
-        kwargs["shutdown_grace"] = _duration(
+        kwargs["shutdown_grace"] = check.duration(
             ctx, "queue.shutdown_grace", data["shutdown_grace"], True
         )
     queue = QueueConfig(**{k: v for k, v in kwargs.items() if v is not None})
@@ -561,24 +339,26 @@ _DELIVERY_INTS = (
 _DELIVERY_DURATIONS = ("connect_timeout", "command_timeout", "attempt_deadline")
 
 
-def _delivery(ctx: _Ctx, raw: Any) -> DeliveryConfig:
+def _delivery(ctx: check.Ctx, raw: Any) -> DeliveryConfig:
     known = ("port", "resolver", "routes", "connection_reuse", "ca_file")
-    data = _mapping(ctx, "delivery", raw, (*known, *_DELIVERY_INTS, *_DELIVERY_DURATIONS)) or {}
+    data = (
+        check.mapping(ctx, "delivery", raw, (*known, *_DELIVERY_INTS, *_DELIVERY_DURATIONS)) or {}
+    )
     kwargs: dict[str, Any] = {}
     if "port" in data:
-        kwargs["port"] = _int(ctx, "delivery.port", data["port"], 1, 65535)
+        kwargs["port"] = check.integer(ctx, "delivery.port", data["port"], 1, 65535)
     for key in _DELIVERY_INTS:
         if key in data:
-            kwargs[key] = _int(ctx, f"delivery.{key}", data[key])
+            kwargs[key] = check.integer(ctx, f"delivery.{key}", data[key])
     for key in _DELIVERY_DURATIONS:
         if key in data:
-            kwargs[key] = _duration(ctx, f"delivery.{key}", data[key])
+            kwargs[key] = check.duration(ctx, f"delivery.{key}", data[key])
     if "connection_reuse" in data:
-        kwargs["connection_reuse"] = _bool(
+        kwargs["connection_reuse"] = check.boolean(
             ctx, "delivery.connection_reuse", data["connection_reuse"]
         )
     if "ca_file" in data:
-        kwargs["ca_file"] = _file(ctx, "delivery.ca_file", data["ca_file"])
+        kwargs["ca_file"] = check.readable_file(ctx, "delivery.ca_file", data["ca_file"])
     if "resolver" in data:
         kwargs["resolver"] = _resolver(ctx, data["resolver"])
     if "routes" in data:
@@ -586,39 +366,41 @@ def _delivery(ctx: _Ctx, raw: Any) -> DeliveryConfig:
     return DeliveryConfig(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _resolver(ctx: _Ctx, raw: Any) -> ResolverConfig | None:
+def _resolver(ctx: check.Ctx, raw: Any) -> ResolverConfig | None:
     where = "delivery.resolver"
-    data = _mapping(ctx, where, raw, ("nameservers", "port", "timeout"), ("nameservers",))
+    data = check.mapping(ctx, where, raw, ("nameservers", "port", "timeout"), ("nameservers",))
     if data is None or "nameservers" not in data:
         return None
     servers: list[str] = []
-    for i, item in enumerate(_list(ctx, f"{where}.nameservers", data["nameservers"], True) or []):
+    for i, item in enumerate(
+        check.entries(ctx, f"{where}.nameservers", data["nameservers"], True) or []
+    ):
         try:
             servers.append(str(ipaddress.ip_address(item)))
         except ValueError:
             ctx.add(f"{where}.nameservers[{i}]", "must be an IP address", item)
-    port = _int(ctx, f"{where}.port", data["port"], 1, 65535) if "port" in data else 53
-    timeout = _duration(ctx, f"{where}.timeout", data["timeout"]) if "timeout" in data else 5.0
+    port = check.integer(ctx, f"{where}.port", data["port"], 1, 65535) if "port" in data else 53
+    timeout = check.duration(ctx, f"{where}.timeout", data["timeout"]) if "timeout" in data else 5.0
     if not servers or port is None or timeout is None:
         return None
     return ResolverConfig(nameservers=tuple(servers), port=port, timeout=timeout)
 
 
-def _routes(ctx: _Ctx, raw: Any) -> tuple[Route, ...]:
+def _routes(ctx: check.Ctx, raw: Any) -> tuple[Route, ...]:
     result: list[Route] = []
-    for i, item in enumerate(_list(ctx, "delivery.routes", raw) or []):
+    for i, item in enumerate(check.entries(ctx, "delivery.routes", raw) or []):
         route = _route(ctx, f"delivery.routes[{i}]", item)
         if route is not None:
             result.append(route)
     return tuple(result)
 
 
-def _route(ctx: _Ctx, where: str, raw: Any) -> Route | None:
-    data = _mapping(ctx, where, raw, ("domains", "via", "tls", "auth"), ("domains", "via"))
+def _route(ctx: check.Ctx, where: str, raw: Any) -> Route | None:
+    data = check.mapping(ctx, where, raw, ("domains", "via", "tls", "auth"), ("domains", "via"))
     if data is None or "domains" not in data or "via" not in data:
         return None
-    domains = _domain_list(ctx, f"{where}.domains", data["domains"], nonempty=True)
-    via = _via(ctx, f"{where}.via", data["via"])
+    domains = check.domain_list(ctx, f"{where}.domains", data["domains"], nonempty=True)
+    via = check.via(ctx, f"{where}.via", data["via"])
     tls = _listener_tls(ctx, f"{where}.tls", data["tls"]) if "tls" in data else ListenerTls.STARTTLS
     auth = _route_auth(ctx, f"{where}.auth", data["auth"]) if "auth" in data else None
     if domains is None or via is None or tls is None or ("auth" in data and auth is None):
@@ -626,11 +408,11 @@ def _route(ctx: _Ctx, where: str, raw: Any) -> Route | None:
     return Route(domains, via[0], via[1], implicit_tls=tls is ListenerTls.IMPLICIT, auth=auth)
 
 
-def _route_auth(ctx: _Ctx, where: str, raw: Any) -> RouteAuth | None:
-    data = _mapping(ctx, where, raw, ("username", "password"), ("username", "password"))
+def _route_auth(ctx: check.Ctx, where: str, raw: Any) -> RouteAuth | None:
+    data = check.mapping(ctx, where, raw, ("username", "password"), ("username", "password"))
     if data is None or "username" not in data or "password" not in data:
         return None
-    user = _str(ctx, f"{where}.username", data["username"])
+    user = check.string(ctx, f"{where}.username", data["username"])
     password = data["password"]
     if not isinstance(password, str) or not password:
         ctx.add(f"{where}.password", "must be a non-empty string")  # never echo a secret
@@ -638,33 +420,16 @@ def _route_auth(ctx: _Ctx, where: str, raw: Any) -> RouteAuth | None:
     return RouteAuth(user, password) if user else None
 
 
-def _domain_list(ctx: _Ctx, where: str, raw: Any, nonempty: bool = False) -> tuple[str, ...] | None:
-    """Lower-cased domain names; a leading '.' means any subdomain."""
-    items = _list(ctx, where, raw, nonempty)
-    if items is None:
-        return None
-    result: list[str] = []
-    for i, item in enumerate(items):
-        name = item.lower().rstrip(".") if isinstance(item, str) else ""
-        if not is_dns_name(name.removeprefix(".")):
-            ctx.add(
-                f"{where}[{i}]", "must be a domain name such as example.com or .example.com", item
-            )
-        else:
-            result.append(name)
-    return tuple(result) if len(result) == len(items) else None
-
-
-def _metrics(ctx: _Ctx, raw: Any) -> MetricsConfig | None:
-    data = _mapping(ctx, "metrics", raw, ("address",), ("address",))
+def _metrics(ctx: check.Ctx, raw: Any) -> MetricsConfig | None:
+    data = check.mapping(ctx, "metrics", raw, ("address",), ("address",))
     if not data or "address" not in data:
         return None
-    addr = _bind_address(ctx, "metrics.address", data["address"])
+    addr = check.bind_address(ctx, "metrics.address", data["address"])
     return MetricsConfig(addr[0], addr[1]) if addr else None
 
 
-def _hostname(ctx: _Ctx, raw: Any) -> str:
-    if raw is _MISSING:
+def _hostname(ctx: check.Ctx, raw: Any) -> str:
+    if raw is check.MISSING:
         name = socket.getfqdn()
         if not is_dns_name(name):
             ctx.add(
@@ -677,145 +442,11 @@ def _hostname(ctx: _Ctx, raw: Any) -> str:
     return raw.lower().rstrip(".")
 
 
-def _log_level(ctx: _Ctx, raw: Any) -> str:
+def _log_level(ctx: check.Ctx, raw: Any) -> str:
     if isinstance(raw, str) and raw.upper() in _LOG_LEVELS:
         return raw.upper()
     ctx.add("log_level", f"must be one of {', '.join(_LOG_LEVELS)}", raw)
     return "INFO"
-
-
-# --- TLS policy (config/tls-policy.yaml or inline `policy:`) -----------------
-
-
-def _level(ctx: _Ctx, where: str, raw: Any) -> TlsLevel | None:
-    text = raw.lower() if isinstance(raw, str) else raw
-    if text in _LEVELS:
-        return _LEVELS[text]
-    if text in ("none", "may") or raw is False:
-        ctx.add(where, _PLAINTEXT_MSG, raw)
-    elif text in ("dane", "dane-only"):
-        ctx.add(where, _DANE_MSG, raw)
-    else:
-        ctx.add(where, "must be encrypt, verify or secure", raw)
-    return None
-
-
-def _domain_policy(
-    ctx: _Ctx, where: str, raw: Any, base: DomainPolicy, allow_match: bool
-) -> DomainPolicy | None:
-    known = ("level", "min_version", "match") if allow_match else ("level", "min_version")
-    data = _mapping(ctx, where, raw, known)
-    if data is None:
-        return None
-    level = _level(ctx, f"{where}.level", raw.get("level")) if "level" in raw else base.level
-    version = base.min_version
-    if "min_version" in data:
-        version = _tls_version(ctx, f"{where}.min_version", data["min_version"]) or version
-    match = _domain_list(ctx, f"{where}.match", data["match"]) if "match" in data else ()
-    if level is None or match is None:
-        return None
-    return DomainPolicy(level=level, min_version=version, match=match)
-
-
-def _policy_domains(ctx: _Ctx, where: str, raw: Any, base: DomainPolicy) -> dict[str, DomainPolicy]:
-    if not isinstance(raw, Mapping):
-        ctx.add(where, "must be a mapping of domain names to policies", raw)
-        return {}
-    result: dict[str, DomainPolicy] = {}
-    for key, value in raw.items():
-        here = _keyed(where, str(key))
-        name = key.lower().rstrip(".") if isinstance(key, str) else ""
-        if not is_dns_name(name):
-            ctx.add(here, "must be a domain name such as example.com", key)
-            continue
-        if name in result:
-            ctx.add(here, "the same domain appears twice (domain names are case-insensitive)", key)
-            continue
-        policy = _domain_policy(ctx, here, value, base, allow_match=True)
-        if policy is not None:
-            result[name] = policy
-    return result
-
-
-def _policy_body(ctx: _Ctx, where: str, raw: Any, source: Path | None) -> PolicyConfig:
-    known = ("default", "mta_sts", "dane", "domains")
-    data = _mapping(ctx, where, raw, known) or {}
-    default = DomainPolicy()
-    if "default" in data:
-        default = (
-            _domain_policy(ctx, _join(where, "default"), data["default"], default, False) or default
-        )
-    flags = {k: _bool(ctx, _join(where, k), data[k]) for k in ("mta_sts", "dane") if k in data}
-    domains = _policy_domains(ctx, _join(where, "domains"), data.get("domains", {}), default)
-    return PolicyConfig(
-        default=default,
-        mta_sts=flags.get("mta_sts") is not False,
-        dane=flags.get("dane") is not False,
-        domains=MappingProxyType(domains),
-        source=source,
-    )
-
-
-def _policy(ctx: _Ctx, raw: Any) -> PolicyConfig:
-    """`policy:` is a file path relative to the config file, or an inline mapping."""
-    if isinstance(raw, Mapping):
-        return _policy_body(ctx, "policy", raw, None)
-    text = _str(ctx, "policy", raw)
-    if text is None:
-        return PolicyConfig()
-    shown = str(Path(ctx.file).parent / text) if not Path(text).is_absolute() else text
-    sub = _Ctx(shown, ctx.path(text).parent, ctx.problems)
-    doc = _read_yaml(sub, ctx.path(text), where="policy", got=raw, parent=ctx)
-    return _policy_body(sub, "", doc, ctx.path(text)) if doc is not _MISSING else PolicyConfig()
-
-
-def load_policy(path: Path) -> PolicyConfig:
-    """Load a standalone TLS policy file; ConfigError with every problem."""
-    ctx = _Ctx(str(path), path.expanduser().resolve().parent, [])
-    doc = _read_yaml(ctx, path)
-    policy = _policy_body(ctx, "", {} if doc is _MISSING else doc, path.resolve())
-    if ctx.problems:
-        raise ConfigError(ctx.problems)
-    return policy
-
-
-# --- files ------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(
-    ctx: _Ctx, path: Path, where: str = "", got: Any = _MISSING, parent: _Ctx | None = None
-) -> Any:
-    """Parse one YAML file; on failure record a problem and return _MISSING."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        (parent or ctx).add(where, f"cannot read file {str(path)!r}: {reason}", got)
-        return _MISSING
-    try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        ctx.add("", f"{at}not valid YAML: {problem}")
-        return _MISSING
-    return {} if doc is None else doc
 
 
 # --- entry points -----------------------------------------------------------
@@ -835,17 +466,17 @@ _TOP_KEYS = (
 )
 
 
-def _config_ctx(path: Path) -> _Ctx:
-    return _Ctx(str(path), path.expanduser().resolve().parent, [])
+def _config_ctx(path: Path) -> check.Ctx:
+    return check.Ctx(str(path), path.expanduser().resolve().parent, [])
 
 
 def load(path: Path) -> Config:
     """Read *path* once and validate everything; ConfigError lists every problem."""
     ctx = _config_ctx(path)
-    doc = _read_yaml(ctx, path)
-    if doc is _MISSING:
+    doc = check.read_yaml(ctx, path)
+    if doc is check.MISSING:
         raise ConfigError(ctx.problems)
-    data = _mapping(ctx, "", doc, _TOP_KEYS, required=("listeners", "tls", "spool"))
+    data = check.mapping(ctx, "", doc, _TOP_KEYS, required=("listeners", "tls", "spool"))
     if data is None:
         raise ConfigError(ctx.problems)
     cfg = _build(ctx, data, path)
@@ -854,8 +485,10 @@ def load(path: Path) -> Config:
     return cfg
 
 
-def _build(ctx: _Ctx, data: dict[str, Any], path: Path) -> Config | None:
-    hostname = _hostname(ctx, data.get("hostname", _MISSING))
+def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
+    from relay import configpolicy  # it imports the dataclasses above, so not at the top
+
+    hostname = _hostname(ctx, data.get("hostname", check.MISSING))
     listeners = _listeners(ctx, data["listeners"]) if "listeners" in data else ()
     tls = _server_tls(ctx, data["tls"]) if "tls" in data else None
     clients = _clients(ctx, data.get("clients", {}))
@@ -863,7 +496,7 @@ def _build(ctx: _Ctx, data: dict[str, Any], path: Path) -> Config | None:
     spool = _spool(ctx, data["spool"]) if "spool" in data else None
     queue = _queue(ctx, data.get("queue", {}))
     delivery = _delivery(ctx, data.get("delivery", {}))
-    policy = _policy(ctx, data["policy"]) if "policy" in data else PolicyConfig()
+    policy = configpolicy.section(ctx, data["policy"]) if "policy" in data else PolicyConfig()
     metrics = _metrics(ctx, data["metrics"]) if "metrics" in data else None
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
     if tls is None or spool is None or not listeners:
@@ -884,17 +517,24 @@ def _build(ctx: _Ctx, data: dict[str, Any], path: Path) -> Config | None:
     )
 
 
+def load_policy(path: Path) -> PolicyConfig:
+    """Load a standalone TLS policy file; ConfigError with every problem."""
+    from relay import configpolicy  # it imports the dataclasses above, so not at the top
+
+    return configpolicy.load(path)
+
+
 def load_users_file_path(path: Path) -> Path:
     """Only `clients.users_file` (absolute), for `tls-relay passwd`; the file may not exist yet."""
     ctx = _config_ctx(path)
-    doc = _read_yaml(ctx, path)
+    doc = check.read_yaml(ctx, path)
     clients = doc.get("clients") if isinstance(doc, Mapping) else None
     raw = clients.get("users_file") if isinstance(clients, Mapping) else None
-    if doc is not _MISSING and raw is None:
+    if doc is not check.MISSING and raw is None:
         ctx.add("clients.users_file", "required key is missing; passwd needs a users file")
     elif isinstance(raw, str) and raw.strip():
         return ctx.path(raw.strip())
-    elif doc is not _MISSING:
+    elif doc is not check.MISSING:
         ctx.add("clients.users_file", "must be a non-empty string", raw)
     raise ConfigError(ctx.problems)
 

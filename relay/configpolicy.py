@@ -1,0 +1,128 @@
+"""TLS policy settings: `policy:` inline in relay.yaml, or a policy file it names.
+
+Role: validate the static outbound TLS policy (default level and minimum TLS version,
+per-domain overrides with extra `match` names, MTA-STS/DANE switches) into a
+:class:`relay.config.PolicyConfig`. Plaintext levels and the unimplemented DANE
+levels are refused with a sentence saying why.
+Not: deciding verdicts at delivery time (``relay.policy``), fetching MTA-STS
+policies or TLSA records, or parsing the rest of relay.yaml (``relay.config``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from relay import configcheck as check
+from relay.config import DomainPolicy, PolicyConfig, TlsLevel
+from relay.errors import ConfigError
+
+_LEVELS = {"encrypt": TlsLevel.ENCRYPT, "verify": TlsLevel.VERIFY, "secure": TlsLevel.SECURE}
+_PLAINTEXT_MSG = "plaintext is never allowed; use encrypt, verify or secure"
+_DANE_MSG = (
+    "DANE is not implemented in this version; refusing rather than pretending to enforce it "
+    "(use encrypt, verify or secure)"
+)
+
+
+def _level(ctx: check.Ctx, where: str, raw: Any) -> TlsLevel | None:
+    text = raw.lower() if isinstance(raw, str) else raw
+    if text in _LEVELS:
+        return _LEVELS[text]
+    if text in ("none", "may") or raw is False:
+        ctx.add(where, _PLAINTEXT_MSG, raw)
+    elif text in ("dane", "dane-only"):
+        ctx.add(where, _DANE_MSG, raw)
+    else:
+        ctx.add(where, "must be encrypt, verify or secure", raw)
+    return None
+
+
+def _domain_policy(
+    ctx: check.Ctx, where: str, raw: Any, base: DomainPolicy, allow_match: bool
+) -> DomainPolicy | None:
+    known = ("level", "min_version", "match") if allow_match else ("level", "min_version")
+    data = check.mapping(ctx, where, raw, known)
+    if data is None:
+        return None
+    level = _level(ctx, f"{where}.level", raw.get("level")) if "level" in raw else base.level
+    version = base.min_version
+    if "min_version" in data:
+        version = check.tls_version(ctx, f"{where}.min_version", data["min_version"]) or version
+    match = check.domain_list(ctx, f"{where}.match", data["match"]) if "match" in data else ()
+    if level is None or match is None:
+        return None
+    return DomainPolicy(level=level, min_version=version, match=match)
+
+
+def _policy_domains(
+    ctx: check.Ctx, where: str, raw: Any, base: DomainPolicy
+) -> dict[str, DomainPolicy]:
+    if not isinstance(raw, Mapping):
+        ctx.add(where, "must be a mapping of domain names to policies", raw)
+        return {}
+    result: dict[str, DomainPolicy] = {}
+    for key, value in raw.items():
+        here = check.keyed(where, str(key))
+        name = key.lower().rstrip(".") if isinstance(key, str) else ""
+        if not check.is_dns_name(name):
+            ctx.add(here, "must be a domain name such as example.com", key)
+            continue
+        if name in result:
+            ctx.add(here, "the same domain appears twice (domain names are case-insensitive)", key)
+            continue
+        policy = _domain_policy(ctx, here, value, base, allow_match=True)
+        if policy is not None:
+            result[name] = policy
+    return result
+
+
+def _policy_body(ctx: check.Ctx, where: str, raw: Any, source: Path | None) -> PolicyConfig:
+    known = ("default", "mta_sts", "dane", "domains")
+    data = check.mapping(ctx, where, raw, known) or {}
+    default = DomainPolicy()
+    if "default" in data:
+        default = (
+            _domain_policy(ctx, check.join(where, "default"), data["default"], default, False)
+            or default
+        )
+    flags = {
+        k: check.boolean(ctx, check.join(where, k), data[k])
+        for k in ("mta_sts", "dane")
+        if k in data
+    }
+    domains = _policy_domains(ctx, check.join(where, "domains"), data.get("domains", {}), default)
+    return PolicyConfig(
+        default=default,
+        mta_sts=flags.get("mta_sts") is not False,
+        dane=flags.get("dane") is not False,
+        domains=MappingProxyType(domains),
+        source=source,
+    )
+
+
+def section(ctx: check.Ctx, raw: Any) -> PolicyConfig:
+    """`policy:` is a file path relative to the config file, or an inline mapping."""
+    if isinstance(raw, Mapping):
+        return _policy_body(ctx, "policy", raw, None)
+    text = check.string(ctx, "policy", raw)
+    if text is None:
+        return PolicyConfig()
+    shown = str(Path(ctx.file).parent / text) if not Path(text).is_absolute() else text
+    sub = check.Ctx(shown, ctx.path(text).parent, ctx.problems)
+    doc = check.read_yaml(sub, ctx.path(text), where="policy", got=raw, parent=ctx)
+    return (
+        _policy_body(sub, "", doc, ctx.path(text)) if doc is not check.MISSING else PolicyConfig()
+    )
+
+
+def load(path: Path) -> PolicyConfig:
+    """Load a standalone TLS policy file; ConfigError with every problem."""
+    ctx = check.Ctx(str(path), path.expanduser().resolve().parent, [])
+    doc = check.read_yaml(ctx, path)
+    policy = _policy_body(ctx, "", {} if doc is check.MISSING else doc, path.resolve())
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    return policy
