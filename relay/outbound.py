@@ -1,0 +1,441 @@
+"""Outbound SMTP session: one connection to one MX address, TLS first, then one
+transaction at a time.
+
+Role: connect (RFC 5321 §4.5.3.2 timeouts), greet, EHLO, STARTTLS (RFC 3207) with the
+level's client context (or implicit TLS for a route that says so, RFC 8314), report the
+handshake facts to :func:`relay.policy.decide`, EHLO again, optionally AUTH to a route's
+next hop; then MAIL / RCPT / DATA for a group of recipients, classifying every reply
+where it is seen (2xx delivered, 4xx transient, 5xx permanent).
+
+Plaintext is structurally impossible: aiosmtplib runs with ``start_tls=False`` and
+``use_tls=False`` (its default STARTTLS is opportunistic), this module issues STARTTLS
+itself, returns a failure unless a verdict said ok, and :func:`transact` refuses to
+send MAIL on a transport without TLS.  There is no plaintext retry anywhere.
+
+Not: choosing MX hosts, pooling, concurrency limits or logging (delivery.py), policy
+judgements (policy.py), retry timing (scheduler/retry.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPResponseException
+
+from relay.config import DeliveryConfig, RouteAuth
+from relay.outbound_tls import describe_handshake_error, observe
+from relay.policy import Observed, Requirement, Verdict, decide
+
+
+class Status(enum.StrEnum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One address of one MX host (or of a route's next hop)."""
+
+    host: str  # MX host name: SNI and the name `verify` checks
+    ip: str
+    port: int
+    implicit_tls: bool = False
+    auth: RouteAuth | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}[{self.ip}]:{self.port}"
+
+
+@dataclass
+class Trace:
+    """Where an attempt is, so a deadline or log line can say what it was waiting for."""
+
+    stage: str = "start"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The session could not be made safe to use; every recipient may try the next MX."""
+
+    reason: str
+    observed: Observed | None = None
+    verdict: Verdict | None = None
+
+
+@dataclass
+class Session:
+    smtp: aiosmtplib.SMTP
+    target: Target
+    observed: Observed
+    messages: int = 0
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> str:
+        return f"{self.observed.tls_version} {self.observed.cipher}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    reason: str
+
+
+@dataclass
+class TxResult:
+    """Per-recipient decisions (by index into the recipients given to :func:`transact`).
+    ``session_error``: the session failed before these recipients were decided; the
+    undecided ones may try the next MX.  ``reusable``: the session may carry another
+    transaction (the server is at a clean state after RSET or a completed DATA)."""
+
+    decided: dict[int, Decision] = field(default_factory=dict)
+    session_error: str | None = None
+    reusable: bool = False
+
+
+def reply_text(code: int, message: str, target: Target) -> str:
+    """``"550 5.1.1 text" from host[ip]:port`` — the reply as the MX gave it, one line."""
+    text = " ".join(message.split())
+    return f'"{code} {text}" from {target.label}'
+
+
+def classify(code: int) -> Status:
+    """RFC 5321 §4.2.1: 2yz completion, 4yz transient negative, 5yz permanent negative."""
+    if 200 <= code < 300:
+        return Status.DELIVERED
+    return Status.PERMANENT if 500 <= code < 600 else Status.TRANSIENT
+
+
+# ---- opening a session -----------------------------------------------------------------
+
+
+async def _tcp_connect(target: Target, timeout: float) -> socket.socket:
+    """Connect a non-blocking socket to the target address (RFC 5321 §4.5.3.2 does not
+    fix a connect timeout; delivery.connect_timeout bounds it)."""
+    family = socket.AF_INET6 if ":" in target.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (target.ip, target.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_session(
+    target: Target,
+    req: Requirement,
+    ctx: ssl.SSLContext,
+    verify: bool,
+    cfg: DeliveryConfig,
+    local_hostname: str,
+    trace: Trace,
+) -> tuple[Session, Verdict] | Failure:
+    """A TLS-protected session whose verdict is ok, or a Failure; never plaintext."""
+    trace.stage = f"connect to {target.label}"
+    try:
+        sock = await _tcp_connect(target, cfg.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        return Failure(f"cannot connect to {target.label}: {exc or type(exc).__name__}")
+    smtp = aiosmtplib.SMTP(
+        hostname=target.host if target.implicit_tls else None,  # SNI for implicit TLS
+        sock=sock,
+        use_tls=target.implicit_tls,
+        start_tls=False,  # never aiosmtplib's opportunistic STARTTLS: we do it below
+        tls_context=ctx if target.implicit_tls else None,
+        timeout=cfg.command_timeout,
+        local_hostname=local_hostname,
+    )
+    try:
+        result = await _secure(smtp, target, req, ctx, verify, trace)
+    except BaseException:
+        smtp.close()
+        raise
+    if isinstance(result, Failure):
+        await polite_quit(smtp)
+        return result
+    return Session(smtp, target, result[0]), result[1]
+
+
+async def _secure(
+    smtp: aiosmtplib.SMTP,
+    target: Target,
+    req: Requirement,
+    ctx: ssl.SSLContext,
+    verify: bool,
+    trace: Trace,
+) -> tuple[Observed, Verdict] | Failure:
+    observed = await _handshake(smtp, target, ctx, verify, trace)
+    if isinstance(observed, Failure):
+        return observed
+    verdict = decide(req, observed)
+    if not verdict.ok or smtp.get_transport_info("ssl_object") is None:
+        return Failure(f"{verdict.reason} ({target.label})", observed, verdict)
+    try:
+        # RFC 3207 §4.2: discard what was learnt before TLS; ask again.
+        trace.stage = f"EHLO after TLS at {target.label}"
+        await smtp.ehlo()
+        if target.auth is not None:
+            # RFC 4954 §4: credentials only ever travel inside the TLS session.
+            trace.stage = f"AUTH at {target.label}"
+            await smtp.login(target.auth.username, target.auth.password)
+    except SMTPResponseException as exc:
+        return Failure(f"{reply_text(exc.code, exc.message, target)} after TLS", observed, verdict)
+    except (SMTPException, OSError) as exc:
+        return Failure(f"{target.label} failed after TLS: {exc}", observed, verdict)
+    return observed, verdict
+
+
+async def _handshake(
+    smtp: aiosmtplib.SMTP, target: Target, ctx: ssl.SSLContext, verify: bool, trace: Trace
+) -> Observed | Failure:
+    """Greeting, EHLO, STARTTLS and the handshake; the facts as an Observed (also for
+    the ways it can fail that policy.decide words), or a Failure for the others."""
+    implicit = target.implicit_tls
+    trace.stage = f"{'TLS handshake and ' if implicit else ''}greeting from {target.label}"
+    try:
+        await smtp.connect()
+    except SMTPResponseException as exc:
+        # RFC 5321 §3.1: a 554 (or any non-220) greeting means no service here.
+        return Failure(f"greeting {reply_text(exc.code, exc.message, target)}")
+    except (SMTPException, OSError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else None
+        if implicit and cause is not None:
+            return Observed(
+                False, handshake_error=describe_handshake_error(cause), implicit_tls=True
+            )
+        return Failure(f"no greeting from {target.label}: {exc}")
+    if not implicit:
+        result = await _starttls(smtp, target, ctx, trace)
+        if result is not None:
+            return result
+    sslobj = smtp.get_transport_info("ssl_object")
+    if sslobj is None:
+        return Failure(f"no TLS session with {target.label}; refusing plaintext")
+    return observe(sslobj, verified=verify, implicit_tls=implicit)
+
+
+async def _starttls(
+    smtp: aiosmtplib.SMTP, target: Target, ctx: ssl.SSLContext, trace: Trace
+) -> Observed | Failure | None:
+    """EHLO and STARTTLS (RFC 3207 §4); None when TLS is up."""
+    try:
+        trace.stage = f"EHLO at {target.label}"
+        await smtp.ehlo()
+    except SMTPResponseException as exc:
+        # No EHLO means no STARTTLS: never fall back to HELO and plaintext.
+        return Failure(f"EHLO refused, so no STARTTLS: {reply_text(exc.code, exc.message, target)}")
+    except (SMTPException, OSError) as exc:
+        return Failure(f"EHLO failed at {target.label}: {exc}")
+    if not smtp.supports_extension("starttls"):
+        return Observed(starttls_offered=False)
+    try:
+        trace.stage = f"STARTTLS at {target.label}"
+        await smtp.starttls(tls_context=ctx, server_hostname=target.host)
+    except SMTPResponseException as exc:
+        return Observed(True, starttls_code=exc.code)
+    except (ssl.SSLError, SMTPException, OSError) as exc:
+        return Observed(True, starttls_code=220, handshake_error=describe_handshake_error(exc))
+    return None
+
+
+async def polite_quit(smtp: aiosmtplib.SMTP, timeout: float = 5.0) -> None:
+    """QUIT (RFC 5321 §4.1.1.10) if still connected, bounded; then close."""
+    if smtp.is_connected:
+        with contextlib.suppress(SMTPException, OSError):
+            await smtp.quit(timeout=timeout)
+    smtp.close()
+
+
+async def reset(session: Session, timeout: float) -> bool:
+    """RSET before reusing a pooled session (RFC 5321 §4.1.1.5); False if it is dead."""
+    if not session.smtp.is_connected:
+        return False
+    try:
+        await session.smtp.rset(timeout=timeout)
+    except (SMTPException, OSError):
+        session.smtp.close()
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str
+    mail_options: Sequence[str]
+    recipients: Sequence[tuple[str, Sequence[str]]]
+    data: bytes
+
+
+# ---- one transaction -------------------------------------------------------------------
+
+
+def _keyword(option: str) -> tuple[str, str]:
+    key, _, value = option.partition("=")
+    return key.upper(), value
+
+
+def _mail_options(env: Envelope, smtp: aiosmtplib.SMTP, target: Target) -> list[str] | str:
+    """MAIL FROM parameters this MX may receive, or why the message cannot go there."""
+    opts: list[str] = []
+    for option in env.mail_options:
+        key, value = _keyword(option)
+        if key == "SMTPUTF8":
+            # RFC 6531 §3.4: an SMTPUTF8 message must not go to a server without it.
+            if not smtp.supports_extension("smtputf8"):
+                return f"destination lacks SMTPUTF8, which the message needs ({target.label})"
+            opts.append("SMTPUTF8")
+        elif key == "BODY" and value.upper() == "8BITMIME":
+            # RFC 6152 §3: 8-bit data only to a server that advertises 8BITMIME.
+            if not smtp.supports_extension("8bitmime"):
+                return f"destination lacks 8BITMIME, which the message needs ({target.label})"
+            opts.append("BODY=8BITMIME")
+        elif key == "BODY" and value.upper() == "BINARYMIME":
+            return "BODY=BINARYMIME needs BDAT (RFC 3030), which this relay does not send"
+        elif key in ("RET", "ENVID") and smtp.supports_extension("dsn"):
+            opts.append(option)  # RFC 3461 §4; dropped for a non-DSN server (§5.2.1)
+        # SIZE is recomputed below; anything else is not ours to pass on.
+    if smtp.supports_extension("size"):
+        opts.insert(0, f"SIZE={len(env.data)}")  # RFC 1870 §6
+    return opts
+
+
+def _size_problem(env: Envelope, smtp: aiosmtplib.SMTP, target: Target) -> str | None:
+    """RFC 1870 §4: respect the SIZE the MX advertises (0 or absent: no stated limit)."""
+    advertised = smtp.esmtp_extensions.get("size", "").strip()
+    limit = int(advertised) if advertised.isdigit() else 0
+    if limit and len(env.data) > limit:
+        return f"message size {len(env.data)} exceeds the limit of {limit} bytes of {target.label}"
+    return None
+
+
+def _rcpt_options(options: Sequence[str], smtp: aiosmtplib.SMTP) -> list[str]:
+    """RFC 3461 §4.1/§4.2 NOTIFY and ORCPT, only to a DSN server (§5.2.1)."""
+    if not smtp.supports_extension("dsn"):
+        return []
+    return [opt for opt in options if _keyword(opt)[0] in ("NOTIFY", "ORCPT")]
+
+
+def _all(result: TxResult, count: int, status: Status, reason: str) -> TxResult:
+    for i in range(count):
+        result.decided.setdefault(i, Decision(status, reason))
+    return result
+
+
+async def transact(session: Session, env: Envelope, cfg: DeliveryConfig, trace: Trace) -> TxResult:
+    """MAIL, RCPT per recipient, DATA (RFC 5321 §3.3); every reply classified here."""
+    smtp, target, count = session.smtp, session.target, len(env.recipients)
+    result = TxResult()
+    if smtp.get_transport_info("ssl_object") is None:  # defence in depth: never plaintext
+        result.session_error = f"refusing MAIL to {target.label}: the session is not TLS"
+        return result
+    opts = _mail_options(env, smtp, target)
+    problem = opts if isinstance(opts, str) else _size_problem(env, smtp, target)
+    if problem is not None or isinstance(opts, str):
+        result.reusable = True  # nothing was sent
+        return _all(result, count, Status.PERMANENT, problem or "unsendable")
+    encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
+    try:
+        trace.stage = f"MAIL FROM at {target.label}"
+        await smtp.mail(env.sender, options=opts, encoding=encoding)
+    except SMTPResponseException as exc:
+        reason = reply_text(exc.code, exc.message, target)
+        if exc.code == 421 or exc.code < 500:
+            result.session_error = reason  # RFC 5321 §4.2.1: this MX is busy; try the next
+            return result
+        result.reusable = smtp.is_connected
+        return _all(result, count, Status.PERMANENT, reason)
+    except ValueError as exc:  # not encodable / control characters: no MX will take it
+        result.reusable = smtp.is_connected
+        return _all(result, count, Status.PERMANENT, f"sender {env.sender!r} cannot be sent: {exc}")
+    except (SMTPException, OSError) as exc:
+        result.session_error = f"MAIL FROM failed at {target.label}: {exc}"
+        return result
+    accepted = await _recipients(smtp, env, encoding, target, trace, result)
+    if result.session_error is not None:
+        return result
+    if not accepted:
+        result.reusable = await _rset(smtp)  # RFC 5321 §4.1.1.5: end the empty transaction
+        return result
+    await _data(smtp, env, accepted, cfg, target, trace, result)
+    return result
+
+
+async def _recipients(
+    smtp: aiosmtplib.SMTP,
+    env: Envelope,
+    encoding: str,
+    target: Target,
+    trace: Trace,
+    result: TxResult,
+) -> list[int]:
+    accepted: list[int] = []
+    for i, (address, options) in enumerate(env.recipients):
+        try:
+            trace.stage = f"RCPT TO at {target.label}"
+            await smtp.rcpt(address, options=_rcpt_options(options, smtp), encoding=encoding)
+        except SMTPResponseException as exc:
+            reason = reply_text(exc.code, exc.message, target)
+            if exc.code == 421 or not smtp.is_connected:
+                result.session_error = reason  # the MX closed: the rest may try the next MX
+                return accepted
+            result.decided[i] = Decision(classify(exc.code), reason)
+            continue
+        except ValueError as exc:
+            result.decided[i] = Decision(Status.PERMANENT, f"recipient cannot be sent: {exc}")
+            continue
+        except (SMTPException, OSError) as exc:
+            result.session_error = f"RCPT TO failed at {target.label}: {exc}"
+            return accepted
+        accepted.append(i)
+    return accepted
+
+
+async def _data(
+    smtp: aiosmtplib.SMTP,
+    env: Envelope,
+    accepted: list[int],
+    cfg: DeliveryConfig,
+    target: Target,
+    trace: Trace,
+    result: TxResult,
+) -> None:
+    """DATA; its reply applies to every accepted recipient (RFC 5321 §3.3)."""
+    trace.stage = f"DATA at {target.label}"
+    try:
+        # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
+        reply = await smtp.data(env.data, timeout=2 * cfg.command_timeout)
+    except SMTPResponseException as exc:
+        decision = Decision(classify(exc.code), reply_text(exc.code, exc.message, target))
+        result.reusable = smtp.is_connected
+    except (SMTPException, OSError) as exc:
+        # The MX may have taken the message before the connection broke (RFC 1047):
+        # defer rather than try another MX now, so a duplicate is the worst case.
+        decision = Decision(
+            Status.TRANSIENT, f"connection lost during DATA at {target.label}: {exc}"
+        )
+    else:
+        decision = Decision(Status.DELIVERED, reply_text(reply.code, reply.message, target))
+        result.reusable = True
+    for i in accepted:
+        result.decided[i] = decision
+
+
+async def _rset(smtp: aiosmtplib.SMTP) -> bool:
+    try:
+        await smtp.rset()
+    except (SMTPException, OSError):
+        smtp.close()
+        return False
+    return True

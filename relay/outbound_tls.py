@@ -1,0 +1,118 @@
+"""Outbound TLS: client contexts per TLS level, and the facts a handshake proved.
+
+Role: build (and cache) the client ``ssl.SSLContext`` a delivery attempt needs for a
+:class:`relay.policy.Requirement` — ``encrypt``: no certificate check; ``verify`` and
+``secure``: chain checked against ``delivery.ca_file`` (or the system bundle); the
+protocol floor is the requirement's ``min_version``, so an MX that cannot do it fails
+the handshake.  Host names are *not* checked by OpenSSL (``check_hostname`` off): the
+policy module matches the names this module extracts from the peer certificate.
+Turn a finished handshake into a :class:`relay.policy.Observed`.
+
+Not: deciding whether a session is good enough (policy.decide does that), SMTP, or
+server-side contexts (tlsctx.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from relay.config import TlsLevel
+from relay.policy import Observed, Requirement
+
+ContextKey = tuple[bool, ssl.TLSVersion]
+
+
+def context_key(req: Requirement) -> ContextKey:
+    """(chain verified?, protocol floor): all that distinguishes two client contexts.
+    DANE levels verify nothing through CAs here; policy.decide fails them closed."""
+    verify = TlsLevel.VERIFY <= req.level <= TlsLevel.SECURE
+    return verify, req.min_version
+
+
+def client_context(
+    verify: bool, min_version: ssl.TLSVersion, ca_file: Path | None
+) -> ssl.SSLContext:
+    """A client context for one (verify, floor) pair."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # Names are matched by policy.decide against the MX host or the recipient domain
+    # (RFC 7817 §3: "secure" may need a name other than the one we connected to).
+    ctx.check_hostname = False
+    if verify:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        # RFC 7435 opportunistic security: "encrypt" protects against passive
+        # eavesdroppers only, so the certificate is not checked.
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = min_version
+    ctx.options |= ssl.OP_NO_COMPRESSION  # RFC 7457 §2.6 (CRIME)
+    return ctx
+
+
+class ClientContexts:
+    """Builds each client context once per Deliverer (loading a CA bundle is costly)."""
+
+    def __init__(self, ca_file: Path | None) -> None:
+        self._ca_file = ca_file
+        self._cache: dict[ContextKey, ssl.SSLContext] = {}
+
+    def for_requirement(self, req: Requirement) -> tuple[ContextKey, ssl.SSLContext]:
+        key = context_key(req)
+        ctx = self._cache.get(key)
+        if ctx is None:
+            ctx = client_context(key[0], key[1], self._ca_file)
+            self._cache[key] = ctx
+        return key, ctx
+
+
+def cert_names(der: bytes) -> tuple[str, ...]:
+    """dNSName SANs of a DER certificate; the subject CN only when there is no SAN
+    extension at all (RFC 6125 §6.4.4).  Empty if the certificate cannot be parsed."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return ()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return tuple(str(cn.value) for cn in cns)
+    except ValueError:
+        return ()
+    return tuple(san.value.get_values_for_type(x509.DNSName))
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 of the DER certificate, lower-case hex (as logged and pinned)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def observe(sslobj: ssl.SSLObject | ssl.SSLSocket, verified: bool, implicit_tls: bool) -> Observed:
+    """The facts of a completed handshake, for policy.decide."""
+    der = sslobj.getpeercert(binary_form=True)
+    cipher = sslobj.cipher()
+    return Observed(
+        starttls_offered=not implicit_tls,
+        starttls_code=None if implicit_tls else 220,
+        chain_verified=verified,
+        tls_version=sslobj.version(),
+        cipher=cipher[0] if cipher else None,
+        cert_names=cert_names(der) if der else (),
+        cert_fingerprint=fingerprint(der) if der else None,
+        implicit_tls=implicit_tls,
+    )
+
+
+def describe_handshake_error(exc: BaseException) -> str:
+    """One line for a failed handshake: the OpenSSL reason, not a Python repr."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
