@@ -1,0 +1,288 @@
+"""Bounces: RFC 3464 delivery status notifications built from the spool's records.
+
+Role: turn an envelope and the recipients that failed (or are delayed) into the
+bytes of a multipart/report DSN addressed from ``<>`` to the original sender, and
+the envelope that queues it.  Pure: the caller passes ``now``, the new queue id and
+the original message bytes; the result goes back into the spool like any message
+and is delivered over TLS like any message.
+Not: storing or sending the DSN (scheduler.py, queuecli.py), deciding whether a
+recipient failed (delivery.py classifies, scheduler.py applies), or parsing the
+original message beyond finding the end of its header section.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Literal
+
+from relay.spool import Attempt, Envelope, Recipient
+
+Kind = Literal["failed", "delayed"]
+
+CRLF = b"\r\n"
+MAX_TEXT = 900  # RFC 5322 2.1.1: keep every line well under 998 characters
+MAX_HEADERS = 256 * 1024  # a "header section" with no end is cut here
+SUBJECTS = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+}
+
+# delivery.py records a reply as `"550 5.1.1 text" from host[ip]:port`; a bare reply
+# ("550 5.1.1 text") is accepted too.  RFC 5321 4.2: a reply starts with a 3-digit code.
+_QUOTED_REPLY = re.compile(r'"([245]\d\d(?:[ -][^"]*)?)" from ')
+_BARE_REPLY = re.compile(r"[245]\d\d(?:[ -]|$)")
+_ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")  # RFC 3463 / 2034
+_CONTACT = ("delivered", "transient", "permanent")  # history outcomes that talked to an MX
+
+
+def wants_notice(recipient: Recipient, kind: Kind) -> bool:
+    """RFC 3461 4.1 NOTIFY: NEVER, or a list of SUCCESS/FAILURE/DELAY; absent = both."""
+    for option in recipient.options:
+        key, _, value = option.partition("=")
+        if key.upper() == "NOTIFY":
+            words = {w.strip().upper() for w in value.split(",")}
+            return ("FAILURE" if kind == "failed" else "DELAY") in words
+    return True
+
+
+def dsn_message(
+    envelope: Envelope,
+    failed: Sequence[Recipient],
+    hostname: str,
+    now: float,
+    original: bytes,
+    kind: Kind,
+    new_id: str,
+    retry_until: float | None = None,
+) -> tuple[Envelope, bytes]:
+    """The DSN's envelope (from ``<>``, ``bounce=True``) and its bytes, ready for Spool.store."""
+    data = build_dsn(envelope, list(failed), hostname, now, original, kind, new_id, retry_until)
+    options = ["BODY=8BITMIME"] if not data.isascii() else []
+    if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options):
+        options.append("SMTPUTF8")  # RFC 6531: the sender's address may be UTF-8
+    dsn_env = Envelope(
+        id=new_id,
+        created=now,
+        sender="",  # RFC 5321 4.5.5: notifications use the null reverse-path
+        recipients=[Recipient(address=envelope.sender)],
+        mail_options=options,
+        size=len(data),
+        bounce=True,
+    )
+    return dsn_env, data
+
+
+def build_dsn(
+    envelope: Envelope,
+    failed: list[Recipient],
+    hostname: str,
+    now: float,
+    original: bytes,
+    kind: Kind,
+    new_id: str,
+    retry_until: float | None = None,
+) -> bytes:
+    """RFC 3464 multipart/report; report-type=delivery-status, CRLF line endings."""
+    human = _human_text(envelope, failed, hostname, kind, retry_until).encode()
+    status = _status_fields(envelope, failed, hostname, now, kind, retry_until).encode()
+    headers = original_headers(original)
+    parts = [
+        (b"text/plain; charset=utf-8", b"Notification", human),
+        (b"message/delivery-status", b"Delivery report", status),
+        (b"text/rfc822-headers", b"Undelivered Message Headers", headers),
+    ]
+    boundary = _boundary(new_id, hostname, [p[2] for p in parts])
+    cte = b"7bit" if all(p[2].isascii() for p in parts) else b"8bit"
+    out = [
+        _top_headers(envelope, hostname, now, kind, new_id),
+        b"Content-Type: multipart/report; report-type=delivery-status;" + CRLF,
+        b' boundary="' + boundary + b'"' + CRLF,
+        b"Content-Transfer-Encoding: " + cte + CRLF,
+        CRLF,
+        b"This is a MIME-encapsulated message." + CRLF,
+    ]
+    for ctype, description, body in parts:
+        part_cte = b"7bit" if body.isascii() else b"8bit"
+        out += [CRLF, b"--" + boundary + CRLF, b"Content-Description: " + description + CRLF]
+        out += [b"Content-Type: " + ctype + CRLF, b"Content-Transfer-Encoding: " + part_cte + CRLF]
+        out += [CRLF, body]
+    out += [CRLF, b"--" + boundary + b"--" + CRLF]
+    return b"".join(out)
+
+
+def original_headers(data: bytes) -> bytes:
+    """The header section of *data*: everything before the first empty line (RFC 5322 2.1).
+
+    Works on bytes on purpose: the original may be malformed or 8-bit, and the
+    DSN must quote it, not a parser's reinterpretation of it.
+    """
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if data.startswith((b"\r\n", b"\n")):
+        head = b""
+    elif ends:
+        head = data[: min(ends)]
+    else:
+        head = data
+    if len(head) > MAX_HEADERS:
+        head = head[: head.rfind(b"\n", 0, MAX_HEADERS) + 1 or MAX_HEADERS]
+    lines = re.split(rb"\r\n|\r|\n", head.rstrip(b"\r\n"))
+    return b"".join(line + CRLF for line in lines if line)
+
+
+def status_code(recipient: Recipient, kind: Kind) -> str:
+    """RFC 3463 status for a recipient, from what was recorded when it was classified."""
+    decision = recipient.history[-1] if recipient.history else None
+    contact = _last_contact(recipient)
+    if kind == "delayed":
+        return _enhanced(contact.reason if contact else "", "4") or "4.0.0"
+    if decision is not None and decision.outcome == "expired":
+        return "4.4.7"  # RFC 3463 4.4.7: delivery time expired
+    if decision is not None and decision.outcome == "permanent":
+        return _enhanced(decision.reason, "5") or "5.0.0"
+    return "5.0.0"
+
+
+def smtp_reply(reason: str) -> str | None:
+    """The SMTP reply a recorded reason quotes, if it is one (for Diagnostic-Code)."""
+    quoted = _QUOTED_REPLY.match(reason)
+    if quoted:
+        return quoted.group(1)
+    return reason if _BARE_REPLY.match(reason) else None
+
+
+def date(ts: float) -> str:
+    """RFC 5322 3.3 date-time in UTC."""
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+# -- pieces --------------------------------------------------------------------
+
+
+def _top_headers(envelope: Envelope, hostname: str, now: float, kind: Kind, new_id: str) -> bytes:
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{envelope.sender}>",
+        f"Subject: {SUBJECTS[kind]}",
+        f"Date: {date(now)}",
+        f"Message-ID: <{new_id}@{hostname}>",
+        "Auto-Submitted: auto-replied",  # RFC 3834 5: no auto-replies to this
+        "MIME-Version: 1.0",
+    ]
+    return "".join(line + "\r\n" for line in lines).encode()
+
+
+def _human_text(
+    envelope: Envelope, failed: list[Recipient], hostname: str, kind: Kind, until: float | None
+) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if kind == "failed":
+        lines += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. It is attached below.",
+            "",
+        ]
+    else:
+        lines += [
+            "This is a warning only; you do not need to resend your message.",
+            "",
+            "Your message could not be delivered yet to the recipients below.",
+            f"It will be retried until {date(until)}." if until else "It will be retried.",
+            "",
+        ]
+    sent = f"<{envelope.sender}>" if envelope.sender else "<>"
+    lines += [f"The message from {sent} arrived on {date(envelope.created)}.", ""]
+    for rcpt in failed:
+        lines.append(f"<{rcpt.address}>: {_clean(rcpt.last_reason or 'no reason recorded')}")
+    return "".join(line + "\r\n" for line in lines)
+
+
+def _status_fields(
+    envelope: Envelope,
+    failed: list[Recipient],
+    hostname: str,
+    now: float,
+    kind: Kind,
+    until: float | None,
+) -> str:
+    blocks = [_message_fields(envelope, hostname)]
+    blocks += [_recipient_fields(r, now, kind, until) for r in failed]
+    return "\r\n".join("".join(f"{line}\r\n" for line in block) for block in blocks)
+
+
+def _message_fields(envelope: Envelope, hostname: str) -> list[str]:
+    # RFC 3464 2.2: per-message fields
+    lines = [f"Reporting-MTA: dns; {hostname}"]
+    envid = _option(envelope.mail_options, "ENVID")
+    if envid is not None:
+        lines.append(f"Original-Envelope-Id: {_clean(_xtext(envid))}")
+    lines.append(f"Arrival-Date: {date(envelope.created)}")
+    return lines
+
+
+def _recipient_fields(rcpt: Recipient, now: float, kind: Kind, until: float | None) -> list[str]:
+    # RFC 3464 2.3: per-recipient fields
+    lines = []
+    orcpt = _option(rcpt.options, "ORCPT")
+    if orcpt is not None and ";" in orcpt:
+        addr_type, _, addr = orcpt.partition(";")
+        lines.append(f"Original-Recipient: {addr_type}; {_clean(_xtext(addr))}")
+    lines += [
+        f"Final-Recipient: rfc822; {rcpt.address}",
+        f"Action: {kind}",
+        f"Status: {status_code(rcpt, kind)}",
+    ]
+    contact = _last_contact(rcpt)
+    if contact is not None and contact.mx:
+        lines.append(f"Remote-MTA: dns; {_clean(contact.mx)}")
+    reply = smtp_reply(contact.reason) if contact is not None else None
+    if reply is not None:
+        lines.append(f"Diagnostic-Code: smtp; {_clean(reply)}")
+    last = contact or (rcpt.history[-1] if rcpt.history else None)
+    lines.append(f"Last-Attempt-Date: {date(last.at if last else now)}")
+    if kind == "delayed" and until is not None:
+        lines.append(f"Will-Retry-Until: {date(until)}")
+    return lines
+
+
+def _last_contact(rcpt: Recipient) -> Attempt | None:
+    """The latest attempt that actually reached (or tried to reach) an MX."""
+    return next((a for a in reversed(rcpt.history) if a.outcome in _CONTACT), None)
+
+
+def _enhanced(reason: str, klass: str) -> str | None:
+    match = _ENHANCED.match(smtp_reply(reason) or "")
+    if match and match.group(1).startswith(klass):
+        return match.group(1)
+    return None
+
+
+def _option(options: Iterable[str], key: str) -> str | None:
+    for option in options:
+        name, sep, value = option.partition("=")
+        if sep and name.upper() == key:
+            return value
+    return None
+
+
+def _xtext(text: str) -> str:
+    """RFC 3461 4: decode "+XX" hex escapes."""
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _clean(text: str) -> str:
+    """One line, no control characters, bounded length."""
+    flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    return flat if len(flat) <= MAX_TEXT else flat[: MAX_TEXT - 3] + "..."
+
+
+def _boundary(new_id: str, hostname: str, bodies: list[bytes]) -> bytes:
+    """RFC 2046 5.1.1: a boundary that occurs in none of the parts."""
+    boundary = f"={new_id}/{hostname}".encode()
+    for _ in range(10):
+        if not any(boundary in body for body in bodies):
+            break
+        boundary += b"=_"
+    return boundary
