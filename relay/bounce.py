@@ -32,8 +32,6 @@ SUBJECTS = {
 
 # delivery.py records a reply as `"550 5.1.1 text" from host[ip]:port`; a bare reply
 # ("550 5.1.1 text") is accepted too.  RFC 5321 4.2: a reply starts with a 3-digit code.
-_QUOTED_REPLY = re.compile(r'"([245]\d\d(?:[ -][^"]*)?)" from ')
-_BARE_REPLY = re.compile(r"[245]\d\d(?:[ -]|$)")
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")  # RFC 3463 / 2034
 _CONTACT = ("delivered", "transient", "permanent")  # history outcomes that talked to an MX
 
@@ -137,20 +135,20 @@ def status_code(recipient: Recipient, kind: Kind) -> str:
     decision = recipient.history[-1] if recipient.history else None
     contact = _last_contact(recipient)
     if kind == "delayed":
-        return _enhanced(contact.reason if contact else "", "4") or "4.0.0"
+        return _enhanced(contact, "4") or "4.0.0"
     if decision is not None and decision.outcome == "expired":
         return "4.4.7"  # RFC 3463 4.4.7: delivery time expired
     if decision is not None and decision.outcome == "permanent":
-        return _enhanced(decision.reason, "5") or "5.0.0"
+        return _enhanced(decision, "5") or "5.0.0"
     return "5.0.0"
 
 
-def smtp_reply(reason: str) -> str | None:
-    """The SMTP reply a recorded reason quotes, if it is one (for Diagnostic-Code)."""
-    quoted = _QUOTED_REPLY.match(reason)
-    if quoted:
-        return quoted.group(1)
-    return reason if _BARE_REPLY.match(reason) else None
+def smtp_reply(attempt: Attempt | None) -> str | None:
+    """The MX's reply recorded with the attempt, if there was one (for Diagnostic-Code).
+
+    Recorded as data by delivery where the reply was seen; never parsed out of reason text.
+    """
+    return attempt.reply if attempt is not None and attempt.reply else None
 
 
 def date(ts: float) -> str:
@@ -237,7 +235,7 @@ def _recipient_fields(rcpt: Recipient, now: float, kind: Kind, until: float | No
     contact = _last_contact(rcpt)
     if contact is not None and contact.mx:
         lines.append(f"Remote-MTA: dns; {_clean(contact.mx)}")
-    reply = smtp_reply(contact.reason) if contact is not None else None
+    reply = smtp_reply(contact)
     if reply is not None:
         lines.append(f"Diagnostic-Code: smtp; {_clean(reply)}")
     last = contact or (rcpt.history[-1] if rcpt.history else None)
@@ -252,8 +250,8 @@ def _last_contact(rcpt: Recipient) -> Attempt | None:
     return next((a for a in reversed(rcpt.history) if a.outcome in _CONTACT), None)
 
 
-def _enhanced(reason: str, klass: str) -> str | None:
-    match = _ENHANCED.match(smtp_reply(reason) or "")
+def _enhanced(attempt: Attempt | None, klass: str) -> str | None:
+    match = _ENHANCED.match(smtp_reply(attempt) or "")
     if match and match.group(1).startswith(klass):
         return match.group(1)
     return None

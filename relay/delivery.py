@@ -65,6 +65,7 @@ class Outcome:
     mx_host: str | None = None
     mx_ip: str | None = None
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    reply: str | None = None  # the MX's own reply ("550 5.1.1 text"), when there was one
 
 
 PoolKey = tuple[Target, ContextKey]  # address, port, TLS mode, AUTH identity; context
@@ -140,7 +141,13 @@ class _Attempt:
             i = pending[j]
             address = self.recipients[i][0]
             self.outcomes[i] = Outcome(
-                address, decision.status, decision.reason, target.host, target.ip, session.tls
+                address,
+                decision.status,
+                decision.reason,
+                target.host,
+                target.ip,
+                session.tls,
+                decision.reply,
             )
             groups.setdefault((decision.status, decision.reason), []).append(i)
         if result.session_error is not None:

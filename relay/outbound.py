@@ -88,6 +88,7 @@ class Session:
 class Decision:
     status: Status
     reason: str
+    reply: str | None = None  # the MX's reply as sent ("550 5.1.1 text"), for DSNs
 
 
 @dataclass
@@ -106,6 +107,11 @@ def reply_text(code: int, message: str, target: Target) -> str:
     """``"550 5.1.1 text" from host[ip]:port`` — the reply as the MX gave it, one line."""
     text = " ".join(message.split())
     return f'"{code} {text}" from {target.label}'
+
+
+def raw_reply(code: int, message: str) -> str:
+    """The reply as one line, ``550 5.1.1 text``; kept as data for DSNs (RFC 3464 2.3.6)."""
+    return f"{code} {' '.join(message.split())}"
 
 
 def classify(code: int) -> Status:
@@ -327,9 +333,11 @@ def _rcpt_options(options: Sequence[str], smtp: aiosmtplib.SMTP) -> list[str]:
     return [opt for opt in options if _keyword(opt)[0] in ("NOTIFY", "ORCPT")]
 
 
-def _all(result: TxResult, count: int, status: Status, reason: str) -> TxResult:
+def _all(
+    result: TxResult, count: int, status: Status, reason: str, reply: str | None = None
+) -> TxResult:
     for i in range(count):
-        result.decided.setdefault(i, Decision(status, reason))
+        result.decided.setdefault(i, Decision(status, reason, reply))
     return result
 
 
@@ -355,7 +363,7 @@ async def transact(session: Session, env: Envelope, cfg: DeliveryConfig, trace: 
             result.session_error = reason  # RFC 5321 §4.2.1: this MX is busy; try the next
             return result
         result.reusable = smtp.is_connected
-        return _all(result, count, Status.PERMANENT, reason)
+        return _all(result, count, Status.PERMANENT, reason, raw_reply(exc.code, exc.message))
     except ValueError as exc:  # not encodable / control characters: no MX will take it
         result.reusable = smtp.is_connected
         return _all(result, count, Status.PERMANENT, f"sender {env.sender!r} cannot be sent: {exc}")
@@ -390,7 +398,9 @@ async def _recipients(
             if exc.code == 421 or not smtp.is_connected:
                 result.session_error = reason  # the MX closed: the rest may try the next MX
                 return accepted
-            result.decided[i] = Decision(classify(exc.code), reason)
+            result.decided[i] = Decision(
+                classify(exc.code), reason, raw_reply(exc.code, exc.message)
+            )
             continue
         except ValueError as exc:
             result.decided[i] = Decision(Status.PERMANENT, f"recipient cannot be sent: {exc}")
@@ -417,7 +427,11 @@ async def _data(
         # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
         reply = await smtp.data(env.data, timeout=2 * cfg.command_timeout)
     except SMTPResponseException as exc:
-        decision = Decision(classify(exc.code), reply_text(exc.code, exc.message, target))
+        decision = Decision(
+            classify(exc.code),
+            reply_text(exc.code, exc.message, target),
+            raw_reply(exc.code, exc.message),
+        )
         result.reusable = smtp.is_connected
     except (SMTPException, OSError) as exc:
         # The MX may have taken the message before the connection broke (RFC 1047):
@@ -426,7 +440,11 @@ async def _data(
             Status.TRANSIENT, f"connection lost during DATA at {target.label}: {exc}"
         )
     else:
-        decision = Decision(Status.DELIVERED, reply_text(reply.code, reply.message, target))
+        decision = Decision(
+            Status.DELIVERED,
+            reply_text(reply.code, reply.message, target),
+            raw_reply(reply.code, reply.message),
+        )
         result.reusable = True
     for i in accepted:
         result.decided[i] = decision

@@ -340,7 +340,7 @@ class Scheduler:
     def _apply(self, run: _Pass, rcpt: Recipient, outcome: Outcome, now: float) -> None:
         o = outcome
         rcpt.attempts += 1
-        rcpt.record(Attempt(now, str(o.status), o.reason, mx=o.mx_host, ip=o.mx_ip, tls=o.tls))
+        rcpt.record(Attempt(now, str(o.status), o.reason, o.mx_host, o.mx_ip, o.tls, o.reply))
         if o.status is Status.DELIVERED:
             rcpt.state = RcptState.DELIVERED
         elif o.status is Status.PERMANENT:

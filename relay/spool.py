@@ -66,6 +66,7 @@ class Attempt:
     mx: str | None = None
     ip: str | None = None
     tls: str | None = None
+    reply: str | None = None  # the MX's reply ("550 5.1.1 text") as data, for DSNs
 
 
 @dataclass

@@ -84,7 +84,9 @@ class FakeDeliverer:
     def _answer(self, addr: str) -> Outcome:
         steps = self.script.get(addr) or []
         status, reason = steps.pop(0) if steps else ("delivered", "250 2.0.0 ok")
-        return Outcome(addr, Status(status), reason, "mx.test", "127.0.0.1", "TLSv1.3")
+        # Like delivery: an MX reply is also kept as data; other reasons have none.
+        reply = reason if reason[:3].isdigit() else None
+        return Outcome(addr, Status(status), reason, "mx.test", "127.0.0.1", "TLSv1.3", reply)
 
     async def close(self) -> None:
         self.closed = True
