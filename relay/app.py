@@ -1,0 +1,110 @@
+"""The one place that builds and wires tls-relay's parts for ``tls-relay serve``.
+
+Role: from a validated :class:`~relay.config.Config`, build the spool, the users
+database, the server TLS context, the shared client gate and one
+:class:`~relay.listener.Listener` per configured listener (:func:`build`); run them
+in an asyncio loop until SIGTERM or SIGINT, then stop cleanly (:func:`serve`).
+Shutdown order: listeners first (no new mail; sessions get 421, a message being
+written still gets its 250), then the queue side drains.
+
+The seam for the queue side is :meth:`App.on_queued` (the listener calls it after
+each 250) and :meth:`App.start` / :meth:`App.stop`; the scheduler and deliverer are
+created in :func:`build` next to the listeners.
+
+Not: business logic of any step - every decision lives in the module named for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+from relay import log as relaylog
+from relay import tlsctx
+from relay.config import Config
+from relay.gate import Gate
+from relay.listener import Listener
+from relay.log import event
+from relay.spool import Spool
+from relay.users import UserDb
+
+log = logging.getLogger("relay.app")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class App:
+    cfg: Config
+    spool: Spool
+    users: UserDb | None
+    ssl_context: ssl.SSLContext
+    gate: Gate
+    listeners: list[Listener] = field(default_factory=list)
+
+    def on_queued(self, qid: str) -> None:
+        """A message is on disk and acknowledged; hand it to the queue side."""
+        event(log, "queued", logging.DEBUG, queue_id=qid)
+
+    async def start(self) -> None:
+        started: list[Listener] = []
+        try:
+            for listener in self.listeners:
+                await listener.start()
+                started.append(listener)
+        except BaseException:
+            await asyncio.gather(*(x.stop() for x in started), return_exceptions=True)
+            raise
+        event(
+            log,
+            "relay_started",
+            hostname=self.cfg.hostname,
+            listeners=",".join(x.config.address for x in self.listeners),
+            spool=self.spool.root,
+            users=len(self.users) if self.users is not None else None,
+        )
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(x.stop() for x in self.listeners))
+        event(log, "relay_stopped")
+
+
+def build(cfg: Config) -> App:
+    """Create every part from *cfg*; nothing listens until :meth:`App.start`."""
+    spool = Spool(cfg.spool.path)
+    spool.setup()
+    users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
+    context = tlsctx.server_context(cfg.tls)
+    gate = Gate(cfg.limits, cfg.clients.networks)  # caps are per process, not per listener
+    app = App(cfg=cfg, spool=spool, users=users, ssl_context=context, gate=gate)
+    app.listeners = [
+        Listener(cfg, spec, spool, users, app.on_queued, context, gate=gate)
+        for spec in cfg.listeners
+    ]
+    return app
+
+
+async def run(app: App) -> int:
+    """Start *app*, wait for SIGTERM/SIGINT, stop it; the exit code."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await app.start()
+        await stopping.wait()
+        event(log, "relay_stopping", reason="signal")
+        await app.stop()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def serve(cfg: Config) -> int:
+    """``tls-relay serve``: run until SIGTERM/SIGINT, exit 0 after a clean stop."""
+    relaylog.setup(cfg.log_level)
+    return asyncio.run(run(build(cfg)))

@@ -1,0 +1,210 @@
+"""The listener: TLS-only SMTP intake that writes accepted mail to the spool.
+
+Role: one :class:`Listener` per configured ``listeners`` entry.  It owns the
+listening socket (plaintext greeting + STARTTLS, or TLS from the first byte), the
+set of live sessions (:mod:`relay.session`), and :class:`Intake`, the handler that
+turns a finished DATA into a spooled message: reject bare CR/LF/NUL
+(:mod:`relay.message`), add Received / Message-ID / Date, build the envelope,
+``Spool.store_async`` (durable: fsync'd before it returns) and only then answer
+``250 2.0.0 Ok: queued as <ID>``.  After that it calls ``on_queued(qid)`` so the
+scheduler can start on the message.
+
+Not: delivery, retries or any decision about destinations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from relay import config, message, replies
+from relay.errors import RelayError, SpoolError, SpoolFullError
+from relay.gate import Gate
+from relay.log import event
+from relay.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
+from relay.spool import Envelope, Recipient, Spool
+from relay.users import UserDb
+
+log = logging.getLogger("relay.listener")
+
+HANDSHAKE_TIMEOUT = 30.0  # implicit TLS: bound on the handshake before any SMTP
+STOP_GRACE = 10.0  # stop(): how long a message being stored may take to finish
+
+
+class Intake:
+    """aiosmtpd handler: what happens when DATA is complete."""
+
+    def __init__(self, cfg: config.Config, spool: Spool, on_queued: Callable[[str], None]) -> None:
+        self._cfg = cfg
+        self._spool = spool
+        self._on_queued = on_queued
+        self.storing: set[asyncio.Future[None]] = set()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session error: %r", error, exc_info=error)
+        return str(replies.INTERNAL_ERROR)
+
+    async def handle_DATA(self, server: RelaySMTP, session: Any, envelope: IntakeEnvelope) -> str:
+        content = bytes(envelope.original_content or b"")
+        refusal = message.check_data(content)
+        if refusal is not None:
+            event(log, "message_rejected", client=server.client_info().ip, reason="bare CR/LF/NUL")
+            return str(refusal)
+        if server.shutdown_requested:
+            return str(replies.SHUTTING_DOWN)
+        server.phase = Phase.STORING
+        spooled, data = self._build(server, envelope, content)
+        try:
+            await self._store(spooled, data)
+        except SpoolFullError as exc:
+            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            return str(replies.SPOOL_FULL)
+        except SpoolError as exc:
+            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            return str(replies.SPOOL_FAILED)
+        server.messages += 1
+        return f"250 2.0.0 Ok: queued as {spooled.id}"
+
+    def _build(
+        self, server: RelaySMTP, envelope: IntakeEnvelope, content: bytes
+    ) -> tuple[Envelope, bytes]:
+        qid = self._spool.new_id()
+        now = self._spool.clock()
+        client = server.client_info()
+        tls = server.tls_info()
+        info = message.ReceivedInfo(
+            hostname=self._cfg.hostname,
+            queue_id=qid,
+            client_ip=client.ip,
+            helo=client.helo,
+            tls_version=tls[0] if tls else None,
+            tls_cipher=tls[1] if tls else None,
+            tls_bits=tls[2] if tls else None,
+            authenticated=client.user is not None,
+            recipients=tuple(envelope.rcpt_tos),
+            now=now,
+        )
+        data = message.prepare(content, info)
+        recipients = [
+            Recipient(address=addr, options=list(opts))
+            for addr, opts in zip(envelope.rcpt_tos, envelope.rcpt_params, strict=True)
+        ]
+        spooled = Envelope(
+            id=qid,
+            created=now,
+            sender=envelope.mail_from or "",
+            recipients=recipients,
+            mail_options=list(envelope.mail_options),
+            client=client,
+            size=len(data),
+        )
+        return spooled, data
+
+    async def _store(self, spooled: Envelope, data: bytes) -> None:
+        # Shielded: once the write started it finishes even if the client disconnects,
+        # and a message that reached the disk is always announced to the scheduler.
+        task = asyncio.ensure_future(self._spool.store_async(spooled, data))
+        self.storing.add(task)
+        task.add_done_callback(lambda done: self._stored(done, spooled))
+        await asyncio.shield(task)
+
+    def _stored(self, task: asyncio.Future[None], spooled: Envelope) -> None:
+        self.storing.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        client = spooled.client
+        event(
+            log,
+            "message_queued",
+            queue_id=spooled.id,
+            client=client.ip if client else None,
+            user=client.user if client else None,
+            tls=client.tls_version if client else None,
+            cipher=client.tls_cipher if client else None,
+            sender=spooled.sender or "<>",
+            size=spooled.size,
+            nrcpt=len(spooled.recipients),
+        )
+        try:
+            self._on_queued(spooled.id)
+        except Exception:  # the scheduler's problem must not cost us the reply
+            log.exception("on_queued failed for %s", spooled.id)
+
+
+class Listener:
+    """One listening socket and its sessions."""
+
+    def __init__(
+        self,
+        cfg: config.Config,
+        listener: config.Listener,
+        spool: Spool,
+        users: UserDb | None,
+        on_queued: Callable[[str], None],
+        ssl_context: ssl.SSLContext,
+        *,
+        gate: Gate | None = None,
+    ) -> None:
+        self.config = listener
+        self._intake = Intake(cfg, spool, on_queued)
+        self._settings = SessionSettings(
+            hostname=cfg.hostname,
+            listener_name=listener.address,
+            implicit_tls=listener.tls is config.ListenerTls.IMPLICIT,
+            ssl_context=ssl_context,
+            limits=cfg.limits,
+            gate=gate or Gate(cfg.limits, cfg.clients.networks),
+            users=users,
+        )
+        self._server: asyncio.Server | None = None
+
+    @property
+    def sessions(self) -> set[RelaySMTP]:
+        return self._settings.sessions
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> RelaySMTP:
+        return RelaySMTP(self._intake, self._settings)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        implicit = self._settings.implicit_tls
+        try:
+            self._server = await loop.create_server(
+                self._protocol,
+                host=self.config.host,
+                port=self.config.port,
+                ssl=self._settings.ssl_context if implicit else None,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise RelayError(f"cannot listen on {self.config.address}: {exc}") from exc
+        event(log, "listener_start", address=self.config.address, tls=self.config.tls.value)
+
+    async def stop(self) -> None:
+        """Stop accepting; sessions get 421 (one in DATA stores nothing); spool writes finish."""
+        if self._server is None:
+            return
+        self._server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        if self._intake.storing:
+            await asyncio.wait(set(self._intake.storing), timeout=STOP_GRACE)
+        for _ in range(100):  # bounded: sessions that stored close after their reply
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+        event(log, "listener_stop", address=self.config.address, open_sessions=len(self.sessions))
+        self._server = None

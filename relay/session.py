@@ -1,0 +1,387 @@
+"""One SMTP session on a listener: the aiosmtpd protocol, hardened for a TLS-only relay.
+
+Role: everything about a single client connection up to the end of DATA - TLS
+state (STARTTLS, RFC 3207, and implicit TLS, RFC 8314), the command guard (nothing
+but EHLO/HELO/NOOP/RSET/QUIT/STARTTLS before TLS; a cap on commands per session),
+AUTH PLAIN/LOGIN inside TLS (RFC 4954) with per-IP failure throttling, MAIL/RCPT
+validation through :mod:`relay.addresses`, relay control per recipient, limits and
+timeouts.  What happens with a finished message is the handler's job
+(``listener.Intake.handle_DATA``).
+
+What aiosmtpd (>= 1.4.6) already does right and we rely on: DATA ends only at
+CRLF.CRLF (SMTP smuggling), and leftover plaintext is discarded when STARTTLS
+completes (STARTTLS command injection, RFC 3207 section 6) - both have regression
+tests.  What we replace: EHLO (aiosmtpd offers no AUTH on implicit TLS), MAIL/RCPT
+address parsing (aiosmtpd drops source routes silently), AUTH (scrypt must not
+block the event loop: smtpauth.py) and the STARTTLS gate (needs HELO/RSET, 5.7.0).
+
+Not: spooling, header surgery, or listening sockets (listener.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from relay import addresses, replies, smtpauth
+from relay.config import Limits
+from relay.gate import Gate, IPAddress, client_address
+from relay.log import event
+from relay.replies import Reply
+from relay.smtpauth import AuthExchange
+from relay.spool import ClientInfo
+from relay.users import UserDb
+
+log = logging.getLogger("relay.listener")
+
+# RFC 3207 section 4: before TLS only these; the rest gets 530 5.7.0.
+ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "STARTTLS"})
+COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
+# MAIL grows by its parameters: SIZE (RFC 1870, 26), SMTPUTF8 (RFC 6531, 10), BODY (RFC 6152, 14)
+MAIL_LINE = COMMAND_LINE + 26 + 10 + 14
+
+# aiosmtpd's own replies, given RFC 3463 enhanced codes like ours.
+_AIOSMTPD_REPLIES = {
+    "250 OK": "250 2.0.0 Ok",
+    "221 Bye": "221 2.0.0 Bye",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "503 Error: send HELO first": "503 5.5.1 Error: send EHLO first",
+    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
+    "501 Syntax: DATA": "501 5.5.4 Syntax: DATA",
+    "552 Error: Too much mail data": str(replies.TOO_MUCH_DATA),
+}
+
+
+class Phase(enum.Enum):
+    COMMAND = "command"
+    DATA = "data"  # 354 sent, reading message data
+    STORING = "storing"  # data complete, spool write in progress: must not be interrupted
+
+
+@dataclass
+class SessionSettings:
+    """What every session of one listener shares."""
+
+    hostname: str
+    listener_name: str
+    implicit_tls: bool
+    ssl_context: ssl.SSLContext
+    limits: Limits
+    gate: Gate
+    users: UserDb | None
+    sessions: set[RelaySMTP] = field(default_factory=set)
+
+
+class IntakeEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope plus the parameters of each RCPT (it keeps one flat list)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_params: list[list[str]] = []
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP protocol with tls-relay's rules; one instance per connection."""
+
+    def __init__(self, handler: Any, settings: SessionSettings) -> None:
+        super().__init__(
+            handler,
+            hostname=settings.hostname,
+            ident="ESMTP tls-relay",
+            data_size_limit=settings.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if settings.implicit_tls else settings.ssl_context,
+            require_starttls=False,  # enforced by _guarded, with HELO/RSET and a 5.7.0 code
+            timeout=settings.limits.command_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.settings = settings
+        self.command_size_limits = collections.defaultdict(
+            lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
+        )
+        self._smtp_methods = {
+            name: self._guarded(name, method) for name, method in self._smtp_methods.items()
+        }
+        self.phase = Phase.COMMAND
+        self.shutdown_requested = False
+        self.messages = 0
+        self._commands = 0
+        self._admitted = self._refused = self._lost = False
+        self._peer: tuple[str, int] = ("", 0)
+        self._addr: IPAddress = ipaddress.IPv4Address(0)
+        self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
+        self._last_user: str | None = None
+
+    # -- connection ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted:  # second call: the STARTTLS handshake completed
+            super().connection_made(transport)
+            self._note_tls(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self._peer = (str(peer[0]), int(peer[1]))
+        self._addr = client_address(self._peer[0])
+        if self.shutdown_requested or not self.settings.gate.admit(self._addr):
+            self._refused = True
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
+            transport.close()
+            event(log, "session_refused", client=self._peer[0], reason="connection limit")
+            return
+        self._admitted = True
+        self.settings.sessions.add(self)
+        super().connection_made(transport)
+        self._note_tls(transport)
+        event(log, "session_open", client=self._peer[0], port=self._peer[1], **self._log_tls())
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted or self._lost:
+            return
+        self._lost = True
+        self.settings.gate.release(self._addr)
+        self.settings.sessions.discard(self)
+        event(
+            log,
+            "session_close",
+            client=self._peer[0],
+            port=self._peer[1],
+            listener=self.settings.listener_name,
+            **self._log_tls(),
+            helo=self.session.host_name if self.session else None,
+            user=self._last_user,
+            commands=self._commands,
+            messages=self.messages,
+        )
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if not self._admitted:  # refused at connection_made: aiosmtpd never set up
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        # RFC 5321 4.5.3.2 timeouts; 421 so the client knows why (RFC 5321 3.8).
+        self._write_raw(b"421 4.4.2 Timeout, closing connection\r\n")
+        event(log, "session_timeout", client=self._peer[0], phase=self.phase.value)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self._tls = (str(ssl_object.version()), str(cipher[0]), int(cipher[2]))
+
+    def _log_tls(self) -> dict[str, Any]:
+        version, cipher, _ = self._tls or (None, None, None)
+        return {"tls": version, "cipher": cipher}
+
+    def tls_active(self) -> bool:
+        return self._tls is not None
+
+    def tls_info(self) -> tuple[str, str, int] | None:
+        return self._tls
+
+    def client_info(self) -> ClientInfo:
+        assert self.session is not None
+        user = self.session.auth_data if self.session.authenticated else None
+        version, cipher, _ = self._tls or (None, None, None)
+        return ClientInfo(
+            ip=str(self._addr),
+            port=self._peer[1],
+            helo=self.session.host_name,
+            user=user,
+            tls_version=version,
+            tls_cipher=cipher,
+            listener=self.settings.listener_name,
+        )
+
+    # -- replies and the command guard -------------------------------------------------
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_AIOSMTPD_REPLIES.get(status, status))
+        else:
+            await super().push(status)
+
+    def _write_raw(self, data: bytes) -> None:
+        """Write outside the command loop (timeouts, shutdown)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(data)
+
+    async def reply(self, reply: Reply) -> None:
+        await self.push(str(reply))
+
+    async def _close_with(self, reply: Reply) -> None:
+        """From inside the session: send *reply*, stop reading, close."""
+        await self.reply(reply)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Listener stopping: 421 now, unless a message is being stored (it gets its reply)."""
+        self.shutdown_requested = True
+        if self.phase is Phase.STORING or self.transport is None:
+            return
+        self._write_raw(f"{replies.SHUTTING_DOWN}\r\n".encode())
+        self._abort()
+
+    def _guarded(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def run(arg: str | None) -> None:
+            self._commands += 1
+            if self._commands > self.settings.limits.max_commands:
+                event(log, "session_limit", client=self._peer[0], reason="max_commands")
+                await self._close_with(replies.TOO_MANY_COMMANDS)
+                return
+            if name not in ALLOWED_BEFORE_TLS and not self.tls_active():
+                await self.reply(replies.STARTTLS_FIRST)
+                return
+            await method(arg)
+
+        return run
+
+    # -- EHLO / STARTTLS ---------------------------------------------------------------
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            return
+        assert self.session is not None
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, f"SIZE {self.settings.limits.max_message_size}"]
+        lines += ["8BITMIME", "SMTPUTF8", "PIPELINING"]
+        if not self.tls_active():
+            lines.append("STARTTLS")
+        elif self.settings.users is not None:
+            lines.append("AUTH " + " ".join(smtpauth.MECHANISMS))  # RFC 4954: only inside TLS
+        for index, line in enumerate(lines):
+            await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(replies.SYNTAX_STARTTLS)
+        elif self.tls_active():
+            await self.reply(replies.TLS_ACTIVE)  # no TLS inside TLS
+        else:
+            await super().smtp_STARTTLS(arg)
+
+    # -- AUTH (RFC 4954) --------------------------------------------------------------
+    def _auth_refusal(self, arg: str | None) -> Reply | None:
+        assert self.session is not None and self.envelope is not None
+        if not self.session.host_name or not self.session.extended_smtp:
+            return replies.BAD_SEQUENCE_HELO
+        if self.settings.users is None:
+            return replies.AUTH_UNAVAILABLE
+        if self.session.authenticated:
+            return replies.AUTH_ALREADY
+        if self.envelope.mail_from is not None:
+            return replies.AUTH_IN_TRANSACTION  # RFC 4954 4: not during a transaction
+        if not arg:
+            return replies.AUTH_SYNTAX
+        return None
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        refusal = self._auth_refusal(arg)
+        if refusal is not None:
+            await self.reply(refusal)
+            return
+        if self.settings.gate.auth_blocked(self._addr):
+            event(log, "auth_refused", logging.WARNING, client=self._peer[0])
+            await self._close_with(replies.TOO_MANY_AUTH_FAILURES)
+            return
+        assert arg is not None and self.settings.users is not None and self.session is not None
+        mechanism, _, initial = arg.strip().partition(" ")
+        exchange = AuthExchange(self.settings.users, self.settings.gate, self._addr)
+        user = await exchange.run(self, mechanism, initial.strip())
+        if user is not None:
+            self.session.authenticated = True
+            self.session.auth_data = user  # type: ignore[assignment]
+            self._last_user = user
+
+    # -- envelope ---------------------------------------------------------------------
+    def _create_envelope(self) -> IntakeEnvelope:
+        return IntakeEnvelope()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and self.envelope is not None
+        if self.envelope.mail_from is not None:
+            await self.reply(replies.NESTED_MAIL)
+            return
+        mail = addresses.parse_mail(
+            arg, extended=self.session.extended_smtp, max_size=self.settings.limits.max_message_size
+        )
+        if isinstance(mail, Reply):
+            await self.reply(mail)
+            return
+        self.envelope.mail_from = mail.sender
+        self.envelope.smtp_utf8 = mail.smtputf8
+        self.envelope.mail_options = list(mail.options)
+        await self.reply(replies.MAIL_OK)
+
+    def _relay_refusal(self) -> Reply | None:
+        """Relay control, per recipient of every transaction: networks, or AUTH."""
+        assert self.session is not None
+        if self.session.authenticated or self.settings.gate.may_relay_unauthenticated(self._addr):
+            return None
+        # Default deny: without users nobody outside the networks can ever relay.
+        return replies.AUTH_REQUIRED if self.settings.users is not None else replies.RELAY_DENIED
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and isinstance(self.envelope, IntakeEnvelope)
+        if self.envelope.mail_from is None:
+            await self.reply(replies.NEED_MAIL)
+            return
+        rcpt = addresses.parse_rcpt(
+            arg, extended=self.session.extended_smtp, smtputf8=self.envelope.smtp_utf8
+        )
+        refusal = rcpt if isinstance(rcpt, Reply) else self._relay_refusal()
+        if refusal is None and len(self.envelope.rcpt_tos) >= self.settings.limits.max_recipients:
+            refusal = replies.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10: 452 for the extras
+        if refusal is not None:
+            if refusal in (replies.AUTH_REQUIRED, replies.RELAY_DENIED):
+                event(log, "relay_denied", client=self._peer[0], rcpt=rcpt)
+            await self.reply(refusal)
+            return
+        assert isinstance(rcpt, str)
+        self.envelope.rcpt_tos.append(rcpt)
+        self.envelope.rcpt_params.append([])
+        await self.reply(replies.RCPT_OK)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        self.phase = Phase.DATA
+        self._reset_timeout(self.settings.limits.data_timeout)  # the whole DATA phase
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.phase = Phase.COMMAND
+        if self.transport is not None:
+            self._reset_timeout()
+        if self.shutdown_requested:
+            await self._close_with(replies.SHUTTING_DOWN)
