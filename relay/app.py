@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from relay import log as relaylog
 from relay import tlsctx
 from relay.config import Config
+from relay.delivery import Deliverer
 from relay.gate import Gate
 from relay.listener import Listener
 from relay.log import event
+from relay.mx import MxResolver
+from relay.scheduler import Scheduler
 from relay.spool import Spool
 from relay.users import UserDb
 
@@ -43,13 +46,17 @@ class App:
     users: UserDb | None
     ssl_context: ssl.SSLContext
     gate: Gate
+    scheduler: Scheduler
     listeners: list[Listener] = field(default_factory=list)
 
     def on_queued(self, qid: str) -> None:
         """A message is on disk and acknowledged; hand it to the queue side."""
         event(log, "queued", logging.DEBUG, queue_id=qid)
+        self.scheduler.enqueue(qid)
 
     async def start(self) -> None:
+        # Queue side first: its spool recovery must finish before any listener writes.
+        await self.scheduler.start()
         started: list[Listener] = []
         try:
             for listener in self.listeners:
@@ -57,6 +64,7 @@ class App:
                 started.append(listener)
         except BaseException:
             await asyncio.gather(*(x.stop() for x in started), return_exceptions=True)
+            await self.scheduler.stop(0)
             raise
         event(
             log,
@@ -69,6 +77,7 @@ class App:
 
     async def stop(self) -> None:
         await asyncio.gather(*(x.stop() for x in self.listeners))
+        await self.scheduler.stop(self.cfg.queue.shutdown_grace)
         event(log, "relay_stopped")
 
 
@@ -79,7 +88,14 @@ def build(cfg: Config) -> App:
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
     context = tlsctx.server_context(cfg.tls)
     gate = Gate(cfg.limits, cfg.clients.networks)  # caps are per process, not per listener
-    app = App(cfg=cfg, spool=spool, users=users, ssl_context=context, gate=gate)
+    resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
+    deliverer = Deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver)
+    scheduler = Scheduler(
+        spool, deliverer, cfg.queue, cfg.hostname, concurrency=cfg.delivery.concurrency
+    )
+    app = App(
+        cfg=cfg, spool=spool, users=users, ssl_context=context, gate=gate, scheduler=scheduler
+    )
     app.listeners = [
         Listener(cfg, spec, spool, users, app.on_queued, context, gate=gate)
         for spec in cfg.listeners

@@ -17,7 +17,6 @@ import trustme
 from tests.e2e.test_queue_e2e import (
     DOMAIN,
     HOST,
-    _app_wires_scheduler,
     message,
     queue,
     queue_json,
@@ -32,9 +31,6 @@ from tests.fixtures.relay_proc import RelayFactory, relay  # noqa: F401
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.postfix,
-    pytest.mark.skipif(
-        not _app_wires_scheduler(), reason="relay/app.py does not wire the scheduler yet"
-    ),
 ]
 SLOW = "4"  # seconds Postfix pauses, the window in which the relay is killed
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import email
-import importlib.util
 import json
 import smtplib
 import subprocess
@@ -83,17 +82,10 @@ def settle(mx: PostfixMx, seconds: float = 3.0) -> int:
     return len(mx.messages())
 
 
-def _app_wires_scheduler() -> bool:
-    spec = importlib.util.find_spec("relay.app")
-    return bool(spec and spec.origin and "Scheduler" in Path(spec.origin).read_text())
-
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.postfix,
-    pytest.mark.skipif(
-        not _app_wires_scheduler(), reason="relay/app.py does not wire the scheduler yet"
-    ),
 ]
 
 
