@@ -62,7 +62,7 @@ def test_starttls_message_spooled_with_headers(relay: RelayFactory) -> None:  # 
     assert f"by relay.test (tls-relay) with ESMTPS id {qid}" in text
     assert f"\r\nMessage-ID: <{qid}@relay.test>\r\n" in text and "\r\nDate: " in text
     assert body.startswith(b"hello from swaks\r\n")
-    log = proc.log_text()
+    log = proc.wait_log("session_close client=127.0.0.1", "messages=1")
     assert re.search(
         rf"message_queued queue_id={qid} client=127.0.0.1 user=- tls=TLSv1\.[23] ", log
     )
