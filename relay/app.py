@@ -5,7 +5,11 @@ database, the server TLS context, the shared client gate and one
 :class:`~relay.listener.Listener` per configured listener (:func:`build`); run them
 in an asyncio loop until SIGTERM or SIGINT, then stop cleanly (:func:`serve`).
 Shutdown order: listeners first (no new mail; sessions get 421, a message being
-written still gets its 250), then the queue side drains.
+written still gets its 250), then the queue side drains, then the metrics endpoint.
+
+Metrics: one :class:`~relay.metrics.Metrics` registry, handed to the listeners, the
+scheduler and the deliverer; the gauges read the gate, the scheduler and hold/ at
+scrape time.  The HTTP endpoint runs only when ``metrics.address`` is configured.
 
 The seam for the queue side is :meth:`App.on_queued` (the listener calls it after
 each 250) and :meth:`App.start` / :meth:`App.stop`; the scheduler and deliverer are
@@ -29,6 +33,7 @@ from relay.delivery import Deliverer
 from relay.gate import Gate
 from relay.listener import Listener
 from relay.log import event
+from relay.metrics import Metrics, MetricsServer
 from relay.mx import MxResolver
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -48,6 +53,8 @@ class App:
     gate: Gate
     scheduler: Scheduler
     listeners: list[Listener] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_server: MetricsServer | None = None
 
     def on_queued(self, qid: str) -> None:
         """A message is on disk and acknowledged; hand it to the queue side."""
@@ -59,11 +66,16 @@ class App:
         await self.scheduler.start()
         started: list[Listener] = []
         try:
+            # Before the listeners, so it is up by the time mail can arrive.
+            if self.metrics_server is not None:
+                await self.metrics_server.start()
             for listener in self.listeners:
                 await listener.start()
                 started.append(listener)
         except BaseException:
             await asyncio.gather(*(x.stop() for x in started), return_exceptions=True)
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
         event(
@@ -73,11 +85,14 @@ class App:
             listeners=",".join(x.config.address for x in self.listeners),
             spool=self.spool.root,
             users=len(self.users) if self.users is not None else None,
+            metrics=self.metrics_server.address if self.metrics_server else None,
         )
 
     async def stop(self) -> None:
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         event(log, "relay_stopped")
 
 
@@ -88,18 +103,35 @@ def build(cfg: Config) -> App:
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
     context = tlsctx.server_context(cfg.tls)
     gate = Gate(cfg.limits, cfg.clients.networks)  # caps are per process, not per listener
+    metrics = Metrics()
     resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    deliverer = Deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver)
+    deliverer = Deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics=metrics)
     scheduler = Scheduler(
-        spool, deliverer, cfg.queue, cfg.hostname, concurrency=cfg.delivery.concurrency
+        spool,
+        deliverer,
+        cfg.queue,
+        cfg.hostname,
+        concurrency=cfg.delivery.concurrency,
+        metrics=metrics,
     )
     app = App(
-        cfg=cfg, spool=spool, users=users, ssl_context=context, gate=gate, scheduler=scheduler
+        cfg=cfg,
+        spool=spool,
+        users=users,
+        ssl_context=context,
+        gate=gate,
+        scheduler=scheduler,
+        metrics=metrics,
     )
     app.listeners = [
-        Listener(cfg, spec, spool, users, app.on_queued, context, gate=gate)
+        Listener(cfg, spec, spool, users, app.on_queued, context, gate=gate, metrics=metrics)
         for spec in cfg.listeners
     ]
+    metrics.connections_active.track(lambda: gate.connections)
+    metrics.queue_messages.track(lambda: scheduler.queued)
+    metrics.queue_held.track(lambda: len(spool.ids(held=True)))  # one listdir per scrape
+    if cfg.metrics is not None:  # bind only where configured
+        app.metrics_server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port)
     return app
 
 

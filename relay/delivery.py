@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from relay.config import DeliveryConfig, PolicyConfig, TlsLevel
 from relay.log import event
+from relay.metrics import Metrics
 from relay.mx import MxResolver, MxStatus, route_for
 from relay.outbound import (
     Envelope,
@@ -167,9 +168,15 @@ class Deliverer:
     """Delivers to one destination domain per call; see the module docstring."""
 
     def __init__(
-        self, cfg: DeliveryConfig, policy: PolicyConfig, hostname: str, resolver: MxResolver
+        self,
+        cfg: DeliveryConfig,
+        policy: PolicyConfig,
+        hostname: str,
+        resolver: MxResolver,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
         self.policy = policy
         self.hostname = hostname
         self.resolver = resolver
@@ -275,6 +282,8 @@ class Deliverer:
         got = await self._session(key, target, req, ctx, ctx_key[0], attempt.trace)
         if isinstance(got, Failure):
             attempt.reasons.append(got.reason)
+            if got.verdict is not None and not got.verdict.ok:  # TLS/policy, not connect trouble
+                self.metrics.tls_failures.inc()
             self._log(
                 attempt,
                 pending,

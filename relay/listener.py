@@ -25,6 +25,7 @@ from relay import config, message, replies
 from relay.errors import RelayError, SpoolError, SpoolFullError
 from relay.gate import Gate
 from relay.log import event
+from relay.metrics import Metrics
 from relay.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
 from relay.spool import Envelope, Recipient, Spool
 from relay.users import UserDb
@@ -38,10 +39,17 @@ STOP_GRACE = 10.0  # stop(): how long a message being stored may take to finish
 class Intake:
     """aiosmtpd handler: what happens when DATA is complete."""
 
-    def __init__(self, cfg: config.Config, spool: Spool, on_queued: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cfg: config.Config,
+        spool: Spool,
+        on_queued: Callable[[str], None],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._cfg = cfg
         self._spool = spool
         self._on_queued = on_queued
+        self._metrics = metrics or Metrics()
         self.storing: set[asyncio.Future[None]] = set()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -53,8 +61,10 @@ class Intake:
         refusal = message.check_data(content)
         if refusal is not None:
             event(log, "message_rejected", client=server.client_info().ip, reason="bare CR/LF/NUL")
+            self._metrics.rejected.inc(reason="bad_data")
             return str(refusal)
         if server.shutdown_requested:
+            self._metrics.rejected.inc(reason="shutdown")
             return str(replies.SHUTTING_DOWN)
         server.phase = Phase.STORING
         spooled, data = self._build(server, envelope, content)
@@ -62,11 +72,14 @@ class Intake:
             await self._store(spooled, data)
         except SpoolFullError as exc:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            self._metrics.rejected.inc(reason="spool_full")
             return str(replies.SPOOL_FULL)
         except SpoolError as exc:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            self._metrics.rejected.inc(reason="spool_error")
             return str(replies.SPOOL_FAILED)
         server.messages += 1
+        self._metrics.accepted.inc()
         return f"250 2.0.0 Ok: queued as {spooled.id}"
 
     def _build(
@@ -148,9 +161,11 @@ class Listener:
         ssl_context: ssl.SSLContext,
         *,
         gate: Gate | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = listener
-        self._intake = Intake(cfg, spool, on_queued)
+        metrics = metrics or Metrics()
+        self._intake = Intake(cfg, spool, on_queued, metrics)
         self._settings = SessionSettings(
             hostname=cfg.hostname,
             listener_name=listener.address,
@@ -159,6 +174,7 @@ class Listener:
             limits=cfg.limits,
             gate=gate or Gate(cfg.limits, cfg.clients.networks),
             users=users,
+            metrics=metrics,
         )
         self._server: asyncio.Server | None = None
 

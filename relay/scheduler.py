@@ -32,6 +32,7 @@ from relay.config import QueueConfig
 from relay.delivery import Outcome, Status
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.log import event
+from relay.metrics import Metrics
 from relay.spool import Attempt, Envelope, RcptState, Recipient, Spool
 
 log = logging.getLogger("relay.scheduler")
@@ -82,8 +83,10 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rand: random.Random | None = None,
         concurrency: int = 200,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spool = spool
+        self.metrics = metrics or Metrics()
         self.deliverer = deliverer
         self.cfg = cfg
         self.hostname = hostname
@@ -121,6 +124,11 @@ class Scheduler:
     def next_due(self) -> float | None:
         """The earliest due time of anything scheduled, None if nothing is."""
         return min(self._due.values(), default=None)
+
+    @property
+    def queued(self) -> int:
+        """Messages in queue/ that are scheduled or being worked on (held ones are not)."""
+        return len(self._due.keys() | self._active.keys())
 
     @property
     def busy(self) -> bool:
@@ -401,10 +409,13 @@ class Scheduler:
             to=env.sender,
             recipients=",".join(r.address for r in wanted),
         )
+        if kind == "failed":
+            self.metrics.bounces.inc()
         self.enqueue(new_id)
 
     def _log_state(self, env: Envelope, rcpt: Recipient, mx: str | None) -> None:
         nxt = rcpt.next_attempt if rcpt.state is RcptState.DEFERRED else None
+        self.metrics.deliveries.inc(outcome=str(rcpt.state))  # delivered|deferred|bounced
         event(
             log,
             "queue_state",

@@ -37,6 +37,7 @@ from relay import addresses, replies, smtpauth
 from relay.config import Limits
 from relay.gate import Gate, IPAddress, client_address
 from relay.log import event
+from relay.metrics import Metrics
 from relay.replies import Reply
 from relay.smtpauth import AuthExchange
 from relay.spool import ClientInfo
@@ -82,6 +83,7 @@ class SessionSettings:
     gate: Gate
     users: UserDb | None
     sessions: set[RelaySMTP] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class IntakeEnvelope(SmtpEnvelope):
@@ -143,6 +145,7 @@ class RelaySMTP(SMTP):
             return
         self._admitted = True
         self.settings.sessions.add(self)
+        self.settings.metrics.sessions.inc(listener=self.settings.listener_name)
         super().connection_made(transport)
         self._note_tls(transport)
         event(log, "session_open", client=self._peer[0], port=self._peer[1], **self._log_tls())
