@@ -81,7 +81,6 @@ def settle(mx: PostfixMx, seconds: float = 3.0) -> int:
     return len(mx.messages())
 
 
-
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.postfix,
