@@ -7,6 +7,7 @@ A message whose DATA was cut off by the crash never got a 250 and leaves nothing
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import time
 from collections.abc import Iterator
@@ -113,3 +114,27 @@ def test_kill_after_mx_accepted(relay: RelayFactory, slow_eod_mx: PostfixMx) -> 
     wait_for(lambda: queue_json(proc) == [] or None, "the queue to empty", timeout=40)
     count = settle(mx, 5.0)
     assert 1 <= count <= 2  # the one case where a duplicate is allowed, never a loss
+
+
+def test_sigterm_drains(relay: RelayFactory, slow_data_mx: PostfixMx) -> None:  # noqa: F811
+    """SIGTERM: new sessions are refused at once, the delivery in flight completes
+    within queue.shutdown_grace, and the relay exits 0 with the message delivered."""
+    mx = slow_data_mx
+    proc = relay(extra_config=route_to(mx, shutdown_grace="15s"))
+    send(proc, "app@corp.test", [f"a@{DOMAIN}"], message("graceful"))
+    mx.wait_log("connect from")  # delivery is in flight; Postfix pauses before DATA
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises((ConnectionError, smtplib.SMTPException, OSError)):
+        late = smtplib.SMTP(HOST, proc.starttls_port, timeout=5)
+        code = late.ehlo()[0]
+        late.close()
+        assert code != 250, "a new session was served after SIGTERM"
+        raise ConnectionError("refused with a non-250 code")
+    assert proc.proc.wait(timeout=30) == 0
+    assert [m.recipient for m in mx.wait_messages(1, timeout=10)] == [f"a@{DOMAIN}"]
+    assert "delivered" in proc.log_text()
+    proc.start()
+    assert queue_json(proc) == []  # recorded as delivered before exit: nothing to resend
+    assert settle(mx) == 1
