@@ -277,13 +277,13 @@ class Scheduler:
 
     async def _run_message(self, qid: str) -> float | None:
         """Deliver the due recipients of *qid*; return its next due time, None if gone."""
-        env = await _off_loop(self.spool.load, qid)
+        env, data = await _off_loop(self._load, qid)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
         now = self.clock()
         due = [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
         if due:
-            run = _Pass(env, await _off_loop(self.spool.read_data, qid), asyncio.Lock(), [])
+            run = _Pass(env, data, asyncio.Lock(), [])
             async with asyncio.TaskGroup() as group:
                 for domain, rcpts in _by_domain(due).items():
                     group.create_task(self._deliver_domain(run, domain, rcpts))
@@ -294,6 +294,14 @@ class Scheduler:
             return None
         return self._next_due(env)
 
+    def _load(self, qid: str) -> tuple[Envelope, bytes]:
+        """Envelope and data in one trip off the loop (data only if something is due)."""
+        env = self.spool.load(qid)
+        now = self.clock()
+        if env.held or not any(not r.state.final and r.next_attempt <= now for r in env.recipients):
+            return env, b""
+        return env, self.spool.read_data(qid)
+
     async def _deliver_domain(self, run: _Pass, domain: str, rcpts: list[Recipient]) -> None:
         async with self._slots:
             outcomes = await self._call_deliverer(run, domain, rcpts)
@@ -301,6 +309,8 @@ class Scheduler:
             now = self.clock()
             for rcpt, outcome in zip(rcpts, outcomes, strict=True):
                 self._apply(run, rcpt, outcome, now)
+            if run.env.done and not run.to_bounce:
+                return  # removing the message right after is the durable record
             try:  # durable at once: a restart never re-sends to these recipients
                 await _off_loop(self.spool.update, run.env)
             except SpoolError as exc:
