@@ -49,7 +49,6 @@ log = logging.getLogger("relay.delivery")
 
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 IDLE_TIMEOUT = 10.0  # seconds an idle pooled session is kept
-MAX_IDLE_PER_TARGET = 2  # pooled sessions per MX address
 QUIT_TIMEOUT = 5.0
 _LOG_OUTCOME = {
     Status.DELIVERED: "delivered",
@@ -75,7 +74,11 @@ PoolKey = tuple[Target, ContextKey]  # address, port, TLS mode, AUTH identity; c
 class _Pool:
     """Idle TLS sessions per (target, context key); bounded per key, expiring."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_idle: int) -> None:
+        # As many idle sessions per MX address as may be busy at once
+        # (per_domain_concurrency): fewer would close and reopen TLS sessions
+        # under steady load, which costs a full handshake each time.
+        self.max_idle = max(1, max_idle)
         self._idle: dict[PoolKey, list[Session]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -93,7 +96,7 @@ class _Pool:
 
     def put(self, key: PoolKey, session: Session) -> None:
         sessions = self._idle.setdefault(key, [])
-        if len(sessions) >= MAX_IDLE_PER_TARGET:
+        if len(sessions) >= self.max_idle:
             self._retire(key, sessions[0])
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(IDLE_TIMEOUT, self._retire, key, session)
@@ -181,7 +184,7 @@ class Deliverer:
         self.hostname = hostname
         self.resolver = resolver
         self._contexts = ClientContexts(cfg.ca_file)
-        self._pool = _Pool()
+        self._pool = _Pool(cfg.per_domain_concurrency)
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._domains: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
