@@ -11,7 +11,7 @@ removes (that message never got a 250).
 Every write goes through :func:`durable_write`: temporary file in the target
 directory, fsync, rename over the target, fsync the directory.
 
-Per-message ``flock(2)`` locks (``locks/<ID>``) let ``tls-relay queue`` commands
+Per-message ``flock(2)`` locks on the data file let ``tls-relay queue`` commands
 run safely while ``serve`` delivers: whoever changes a message holds its lock.
 
 Not: deciding when to deliver (scheduler.py) or what a reply means (delivery.py).
@@ -243,12 +243,11 @@ class Spool:
         self.queue_dir = self.root / "queue"
         self.hold_dir = self.root / "hold"
         self.quarantine_dir = self.root / "quarantine"
-        self.lock_dir = self.root / "locks"
         self.control_path = self.root / "control.sock"
 
     # -- layout ---------------------------------------------------------------
     def setup(self) -> None:
-        dirs = (self.data_dir, self.queue_dir, self.hold_dir, self.quarantine_dir, self.lock_dir)
+        dirs = (self.data_dir, self.queue_dir, self.hold_dir, self.quarantine_dir)
         for d in dirs:
             try:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -292,8 +291,6 @@ class Spool:
                 _fsync_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.data_path(qid).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.lock_dir / qid).unlink()
 
     def hold(self, qid: str) -> None:
         self._move(self._env_path(qid), self._env_path(qid, held=True), qid)
@@ -343,7 +340,12 @@ class Spool:
 
         ``wait=False`` raises MessageBusy when another process holds it.
         """
-        fd = os.open(self.lock_dir / _checked(qid), os.O_RDWR | os.O_CREAT, 0o600)
+        # The data file is the lock target: it is never replaced while the message
+        # exists, so no extra lock file is created and removed per message.
+        try:
+            fd = os.open(self.data_path(qid), os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise MessageNotFound(f"no such message: {qid}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
