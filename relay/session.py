@@ -33,7 +33,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from relay import addresses, replies, smtpauth
+from relay import addresses, replies, smtpauth, smtpdata
 from relay.config import Limits
 from relay.gate import Gate, IPAddress, client_address
 from relay.log import event
@@ -381,10 +381,40 @@ class RelaySMTP(SMTP):
         self.phase = Phase.DATA
         self._reset_timeout(self.settings.limits.data_timeout)  # the whole DATA phase
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self.phase = Phase.COMMAND
         if self.transport is not None:
             self._reset_timeout()
         if self.shutdown_requested:
             await self._close_with(replies.SHUTTING_DOWN)
+
+    async def _data(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, with the data read in chunks (see smtpdata.py)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            limit = self.settings.limits.max_message_size
+            scanner = await smtpdata.read_data(self._reader, limit)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+            self._writer.close()  # the connection went away mid-DATA: keep nothing
+            raise
+        if scanner.problem is smtpdata.DataProblem.TOO_BIG:
+            await self.push("552 Error: Too much mail data")
+        elif scanner.problem is smtpdata.DataProblem.LINE_TOO_LONG:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+        if scanner.content is None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = scanner.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
