@@ -32,6 +32,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 from relay.config import DeliveryConfig, RouteAuth
 from relay.outbound_tls import describe_handshake_error, observe
 from relay.policy import Observed, Requirement, Verdict, decide
+from relay.wiredata import send_data
 
 
 class Status(enum.StrEnum):
@@ -425,7 +426,7 @@ async def _data(
     trace.stage = f"DATA at {target.label}"
     try:
         # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
-        reply = await smtp.data(env.data, timeout=2 * cfg.command_timeout)
+        reply = await send_data(smtp, env.data, 2 * cfg.command_timeout)
     except SMTPResponseException as exc:
         decision = Decision(
             classify(exc.code),
