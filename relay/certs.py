@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay.errors import CertificateError
+from relay.safeio import atomic_write
 
 VALIDITY = dt.timedelta(days=365)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
@@ -61,26 +60,6 @@ def _build_cert(hostname: str, key: ec.EllipticCurvePrivateKey) -> x509.Certific
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def gen_cert(hostname: str, out: Path) -> tuple[Path, Path]:
     """Write ``out/cert.pem`` and ``out/key.pem`` (mode 0600); return their paths."""
     if not hostname or any(ch.isspace() for ch in hostname):
@@ -96,8 +75,8 @@ def gen_cert(hostname: str, out: Path) -> tuple[Path, Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         # Key first: a cert.pem without its key would look like a finished pair.
-        _write_atomic(key_path, key_pem, 0o600)
-        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        atomic_write(key_path, key_pem, 0o600)
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     except OSError as exc:
         raise CertificateError(f"gen-cert: cannot write to {out}: {exc.strerror}") from exc
     return cert_path, key_path

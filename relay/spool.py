@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,11 +38,11 @@ from typing import Any
 
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
+from relay.safeio import TMP_PREFIX, atomic_write, fsync_dir
 
 log = logging.getLogger("relay.spool")
 
 ENVELOPE_VERSION = 1
-TMP_PREFIX = ".tmp-"
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -143,92 +142,12 @@ def _recipient(raw: dict[str, Any]) -> Recipient:
     return Recipient(state=state, history=history, **raw)
 
 
-def _fsync_dir_now(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _DirSync:
-    """Group commit for one directory's fsync.
-
-    Renames and unlinks become durable with an fsync of their directory.  When
-    several threads need that at once, one fsync that *starts after* a caller's
-    change covers it: callers queue behind the sync in progress and the next one
-    covers all of them.  Every caller still returns only after a covering fsync
-    succeeded, so 250-after-fsync holds; it just costs one fsync per batch.
-    """
-
-    def __init__(self, path: Path, fsync: Callable[[Path], None] = _fsync_dir_now) -> None:
-        self.path = path
-        self._fsync = fsync
-        self._cond = threading.Condition()
-        self._requested = 0  # ticket of the latest caller
-        self._synced = 0  # every ticket <= this is durable
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            ticket = self._requested
-            while self._synced < ticket:
-                if not self._running:
-                    break
-                self._cond.wait()
-            else:
-                return
-            self._running = True
-            covers = self._requested
-        ok = False
-        try:
-            self._fsync(self.path)
-            ok = True
-        finally:
-            with self._cond:
-                self._running = False
-                if ok:
-                    self._synced = max(self._synced, covers)
-                self._cond.notify_all()
-
-
-_DIR_SYNCS: dict[Path, _DirSync] = {}
-_DIR_SYNCS_LOCK = threading.Lock()
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, batched with concurrent callers (see _DirSync)."""
-    with _DIR_SYNCS_LOCK:
-        syncer = _DIR_SYNCS.get(path)
-        if syncer is None:
-            syncer = _DIR_SYNCS[path] = _DirSync(path)
-    syncer.sync()
-
-
 def durable_write(target: Path, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
-    """Write *target* so that after return it is on disk, whole, or not changed at all.
-
-    Temporary file in the same directory, fsync, rename, fsync the directory.
-    ENOSPC/EDQUOT raise SpoolFullError; other OS errors SpoolError; the
-    temporary file is removed either way.
-    """
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{secrets.token_hex(4)}")
+    """safeio.atomic_write with spool errors: ENOSPC/EDQUOT raise SpoolFullError,
+    other OS errors SpoolError; nothing half-written remains either way."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        atomic_write(target, chunks, mode)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         kind = SpoolFullError if exc.errno in _FULL_ERRNOS else SpoolError
         raise kind(f"cannot write {target}: {exc.strerror or exc}") from exc
 
@@ -288,7 +207,7 @@ class Spool:
         for path in (self._env_path(qid), self._env_path(qid, held=True)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.data_path(qid).unlink()
 
@@ -303,8 +222,8 @@ class Spool:
             os.rename(src, dst)
         except FileNotFoundError as exc:
             raise MessageNotFound(f"no such message in that state: {qid}") from exc
-        _fsync_dir(dst.parent)
-        _fsync_dir(src.parent)
+        fsync_dir(dst.parent)
+        fsync_dir(src.parent)
 
     # -- reads ------------------------------------------------------------------
     def load(self, qid: str) -> Envelope:
@@ -405,7 +324,7 @@ class Spool:
         for src in (self._env_path(qid, held), self.data_path(qid)):
             if src.exists():
                 os.replace(src, self.quarantine_dir / f"{src.name}.{stamp}")
-        _fsync_dir(self.quarantine_dir)
+        fsync_dir(self.quarantine_dir)
         event(log, "spool_quarantine", level=logging.WARNING, queue_id=qid, reason=reason)
 
     # -- control channel ---------------------------------------------------------------

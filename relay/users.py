@@ -20,10 +20,8 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from relay.errors import UsersFileError
+from relay.safeio import atomic_write
 
 SCHEME = "scrypt"
 LN, R, P = 14, 8, 1  # N = 2**14, 16 MiB of memory per hash
@@ -180,27 +179,6 @@ def _dump(users: Mapping[str, str]) -> bytes:
     return (header + body).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file (0600) in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def set_password(path: Path, user: str, password: str) -> None:
     """Add or change *user* in the users file at *path* (created if missing)."""
     check_user_name(user)
@@ -209,6 +187,7 @@ def set_password(path: Path, user: str, password: str) -> None:
     users = _read_mapping(path) if path.exists() else {}
     users[user] = hash_password(password)
     try:
-        _write_atomic(path, _dump(users))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, _dump(users), 0o600)
     except OSError as exc:
         raise UsersFileError(f"{path}: cannot write users file: {exc.strerror or exc}") from exc

@@ -166,7 +166,7 @@ def test_directory_fsync_is_group_committed(tmp_path: Path) -> None:
     import threading
     import time
 
-    from relay.spool import _DirSync
+    from relay.safeio import DirSync as _DirSync
 
     started: list[float] = []
 
@@ -194,7 +194,7 @@ def test_directory_fsync_is_group_committed(tmp_path: Path) -> None:
 
 
 def test_failed_directory_fsync_is_retried_by_waiters(tmp_path: Path) -> None:
-    from relay.spool import _DirSync
+    from relay.safeio import DirSync as _DirSync
 
     attempts: list[int] = []
 
