@@ -277,7 +277,8 @@ class Scheduler:
 
     async def _run_message(self, qid: str) -> float | None:
         """Deliver the due recipients of *qid*; return its next due time, None if gone."""
-        env, data = await _off_loop(self._load, qid)
+        fresh = self.spool.take_fresh(qid)  # just accepted: still in memory
+        env, data = fresh if fresh is not None else await _off_loop(self._load, qid)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
         now = self.clock()

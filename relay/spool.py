@@ -20,6 +20,7 @@ Not: deciding when to deliver (scheduler.py) or what a reply means (delivery.py)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -30,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ from relay.safeio import TMP_PREFIX, atomic_write, fsync_dir
 log = logging.getLogger("relay.spool")
 
 ENVELOPE_VERSION = 1
+FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
+FRESH_MAX_BYTES = 64 * 1024 * 1024
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -163,6 +167,11 @@ class Spool:
         self.hold_dir = self.root / "hold"
         self.quarantine_dir = self.root / "quarantine"
         self.control_path = self.root / "control.sock"
+        # Messages this process just stored, for the scheduler's first pass: saves
+        # re-reading and re-parsing what is still in memory (see take_fresh).
+        self._fresh: collections.OrderedDict[str, _Fresh] = collections.OrderedDict()
+        self._fresh_bytes = 0
+        self._fresh_lock = threading.Lock()
 
     # -- layout ---------------------------------------------------------------
     def setup(self) -> None:
@@ -188,12 +197,42 @@ class Spool:
         """Make a new message durable: data first, envelope last (the commit point)."""
         data_path = self.data_path(envelope.id)
         durable_write(data_path, data)
+        env_path = self._env_path(envelope.id)
         try:
-            durable_write(self._env_path(envelope.id), envelope.to_json())
+            durable_write(env_path, envelope.to_json())
         except SpoolError:
             with contextlib.suppress(OSError):
                 data_path.unlink()
             raise
+        if isinstance(data, bytes):
+            with contextlib.suppress(OSError):
+                self._remember(envelope, data, _stamp(os.stat(env_path)))
+
+    def _remember(self, envelope: Envelope, data: bytes, stamp: tuple[int, int, int]) -> None:
+        with self._fresh_lock:
+            self._fresh[envelope.id] = _Fresh(stamp, envelope, data)
+            self._fresh_bytes += len(data)
+            while self._fresh and (
+                len(self._fresh) > FRESH_MAX or self._fresh_bytes > FRESH_MAX_BYTES
+            ):
+                _, dropped = self._fresh.popitem(last=False)
+                self._fresh_bytes -= len(dropped.data)
+
+    def take_fresh(self, qid: str) -> tuple[Envelope, bytes] | None:
+        """The envelope and data this process stored for *qid*, if the envelope file
+        is still exactly the one written (same inode, mtime and size): nobody, e.g.
+        a `queue` command, changed it since.  Call with the message locked."""
+        with self._fresh_lock:
+            fresh = self._fresh.pop(qid, None)
+            if fresh is not None:
+                self._fresh_bytes -= len(fresh.data)
+        if fresh is None:
+            return None
+        try:
+            stamp = _stamp(os.stat(self._env_path(qid)))
+        except OSError:
+            return None
+        return (fresh.envelope, fresh.data) if stamp == fresh.stamp else None
 
     async def store_async(self, envelope: Envelope, data: bytes) -> None:
         await asyncio.to_thread(self.store, envelope, data)
@@ -336,6 +375,17 @@ class Spool:
             except OSError:
                 return False
         return True
+
+
+@dataclass
+class _Fresh:
+    stamp: tuple[int, int, int]
+    envelope: Envelope
+    data: bytes
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _checked(qid: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,23 @@ def test_failed_directory_fsync_is_retried_by_waiters(tmp_path: Path) -> None:
         syncer.sync()
     syncer.sync()  # not covered by the failed one: it syncs again
     assert len(attempts) == 2
+
+
+def test_take_fresh_only_while_the_envelope_is_untouched(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    spool.store(env, b"data")
+    got = spool.take_fresh(env.id)
+    assert got is not None and got[0] is env and got[1] == b"data"
+    assert spool.take_fresh(env.id) is None  # taken once
+
+    changed = make_env(spool, "b@x.test")
+    spool.store(changed, b"data")
+    time.sleep(0.01)
+    changed.recipients[0].state = RcptState.DEFERRED
+    spool.update(changed)  # e.g. a `queue` command rewrote it meanwhile
+    assert spool.take_fresh(changed.id) is None
+
+    held = make_env(spool, "c@x.test")
+    spool.store(held, b"data")
+    spool.hold(held.id)
+    assert spool.take_fresh(held.id) is None
