@@ -31,14 +31,19 @@ _FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 2.2 ftext, obs-option
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
+def crlf_only(data: bytes) -> bool:
+    """Every CR and every LF belongs to a CRLF pair (bytes.count: C speed)."""
+    pairs = data.count(CRLF)
+    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
+
+
 def check_data(data: bytes) -> Reply | None:
     """None if *data* uses CRLF line endings only and has no NUL; else the 550 reply.
 
     Counting is done by bytes.count (C speed): every CR and every LF must belong to
     a CRLF pair.
     """
-    pairs = data.count(CRLF)
-    if b"\x00" in data or data.count(b"\r") != pairs or data.count(b"\n") != pairs:
+    if b"\x00" in data or not crlf_only(data):
         return BARE_NEWLINE
     return None
 

@@ -277,12 +277,12 @@ class Scheduler:
 
     async def _run_message(self, qid: str) -> float | None:
         """Deliver the due recipients of *qid*; return its next due time, None if gone."""
+        now = self.clock()  # one reading: what is due and whether data was read agree
         fresh = self.spool.take_fresh(qid)  # just accepted: still in memory
-        env, data = fresh if fresh is not None else await _off_loop(self._load, qid)
+        env, data = fresh if fresh is not None else await _off_loop(self._load, qid, now)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
-        now = self.clock()
-        due = [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
+        due = _due(env, now)
         if due:
             run = _Pass(env, data, asyncio.Lock(), [])
             async with asyncio.TaskGroup() as group:
@@ -295,11 +295,10 @@ class Scheduler:
             return None
         return self._next_due(env)
 
-    def _load(self, qid: str) -> tuple[Envelope, bytes]:
+    def _load(self, qid: str, now: float) -> tuple[Envelope, bytes]:
         """Envelope and data in one trip off the loop (data only if something is due)."""
         env = self.spool.load(qid)
-        now = self.clock()
-        if env.held or not any(not r.state.final and r.next_attempt <= now for r in env.recipients):
+        if env.held or not _due(env, now):
             return env, b""
         return env, self.spool.read_data(qid)
 
@@ -478,6 +477,10 @@ class _Control(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: object) -> None:
         if data.strip() == b"kick":
             self.on_kick()
+
+
+def _due(env: Envelope, now: float) -> list[Recipient]:
+    return [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
 
 
 def _by_domain(rcpts: list[Recipient]) -> dict[str, list[Recipient]]:

@@ -17,12 +17,9 @@ from __future__ import annotations
 import aiosmtplib
 from aiosmtplib import SMTPDataError, SMTPResponse, SMTPServerDisconnected, SMTPTimeoutError
 
+from relay.message import crlf_only
+
 CRLF = b"\r\n"
-
-
-def crlf_only(data: bytes) -> bool:
-    pairs = data.count(CRLF)
-    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
 
 
 def dot_stuff(data: bytes) -> bytes:

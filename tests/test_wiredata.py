@@ -6,7 +6,8 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.wiredata import crlf_only, dot_stuff
+from relay.message import crlf_only
+from relay.wiredata import dot_stuff
 
 line = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
