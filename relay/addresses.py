@@ -42,6 +42,11 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # RFC 5321 esmtp-keyword
 _HACK_CHARS = frozenset("%!")
 
 
+def normalize_domain(name: str) -> str:
+    """Lower-case, without the trailing root dot (DNS names are case-insensitive, RFC 4343)."""
+    return name.strip().lower().rstrip(".")
+
+
 def _bad(sender: bool, code: int, text: str) -> Reply:
     # RFC 3463: X.1.7 bad sender address syntax, X.1.3 bad destination address syntax.
     return Reply(code, "5.1.7" if sender else "5.1.3", text)

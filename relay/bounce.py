@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Literal
 
+from relay.message import format_date
 from relay.spool import Attempt, Envelope, Recipient
 
 Kind = Literal["failed", "delayed"]
@@ -151,11 +150,6 @@ def smtp_reply(attempt: Attempt | None) -> str | None:
     return attempt.reply if attempt is not None and attempt.reply else None
 
 
-def date(ts: float) -> str:
-    """RFC 5322 3.3 date-time in UTC."""
-    return format_datetime(datetime.fromtimestamp(ts, UTC))
-
-
 # -- pieces --------------------------------------------------------------------
 
 
@@ -164,7 +158,7 @@ def _top_headers(envelope: Envelope, hostname: str, now: float, kind: Kind, new_
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{envelope.sender}>",
         f"Subject: {SUBJECTS[kind]}",
-        f"Date: {date(now)}",
+        f"Date: {format_date(now)}",
         f"Message-ID: <{new_id}@{hostname}>",
         "Auto-Submitted: auto-replied",  # RFC 3834 5: no auto-replies to this
         "MIME-Version: 1.0",
@@ -187,11 +181,11 @@ def _human_text(
             "This is a warning only; you do not need to resend your message.",
             "",
             "Your message could not be delivered yet to the recipients below.",
-            f"It will be retried until {date(until)}." if until else "It will be retried.",
+            f"It will be retried until {format_date(until)}." if until else "It will be retried.",
             "",
         ]
     sent = f"<{envelope.sender}>" if envelope.sender else "<>"
-    lines += [f"The message from {sent} arrived on {date(envelope.created)}.", ""]
+    lines += [f"The message from {sent} arrived on {format_date(envelope.created)}.", ""]
     for rcpt in failed:
         lines.append(f"<{rcpt.address}>: {_clean(rcpt.last_reason or 'no reason recorded')}")
     return "".join(line + "\r\n" for line in lines)
@@ -216,7 +210,7 @@ def _message_fields(envelope: Envelope, hostname: str) -> list[str]:
     envid = _option(envelope.mail_options, "ENVID")
     if envid is not None:
         lines.append(f"Original-Envelope-Id: {_clean(_xtext(envid))}")
-    lines.append(f"Arrival-Date: {date(envelope.created)}")
+    lines.append(f"Arrival-Date: {format_date(envelope.created)}")
     return lines
 
 
@@ -239,9 +233,9 @@ def _recipient_fields(rcpt: Recipient, now: float, kind: Kind, until: float | No
     if reply is not None:
         lines.append(f"Diagnostic-Code: smtp; {_clean(reply)}")
     last = contact or (rcpt.history[-1] if rcpt.history else None)
-    lines.append(f"Last-Attempt-Date: {date(last.at if last else now)}")
+    lines.append(f"Last-Attempt-Date: {format_date(last.at if last else now)}")
     if kind == "delayed" and until is not None:
-        lines.append(f"Will-Retry-Until: {date(until)}")
+        lines.append(f"Will-Retry-Until: {format_date(until)}")
     return lines
 
 

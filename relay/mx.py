@@ -26,6 +26,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from relay.addresses import normalize_domain
 from relay.config import ResolverConfig, Route
 
 
@@ -50,11 +51,6 @@ class MxResult:
     implicit: bool = False  # no MX RRset: the domain itself is the MX (RFC 5321 §5.1)
 
 
-def normalize(name: str) -> str:
-    """Lower-case, without the trailing root dot (DNS names are case-insensitive, RFC 4343)."""
-    return name.strip().lower().rstrip(".")
-
-
 def _ip_literal(name: str) -> str | None:
     """The address if *name* is an IP literal ("192.0.2.1", "[::1]", "[IPv6:::1]")."""
     text = name.strip()
@@ -72,12 +68,12 @@ def route_for(routes: Sequence[Route], domain: str) -> Route | None:
     """The route for *domain*: an entry equal to it wins; otherwise the longest
     ".suffix" entry it is a subdomain of (".example.com" matches "a.example.com",
     not "example.com" itself); None if no route applies."""
-    wanted = normalize(domain)
+    wanted = normalize_domain(domain)
     best: Route | None = None
     best_len = -1
     for route in routes:
         for entry in route.domains:
-            entry = normalize(entry)
+            entry = normalize_domain(entry)
             if entry == wanted:
                 return route
             if entry.startswith(".") and wanted.endswith(entry) and len(entry) > best_len:
@@ -140,7 +136,7 @@ class MxResolver:
 
     async def resolve(self, domain: str) -> MxResult:
         """The MX hosts for *domain*, ordered, capped, each with its addresses."""
-        name = normalize(domain)
+        name = normalize_domain(domain)
         if not name or _ip_literal(name) is not None:
             return MxResult(
                 MxStatus.PERMANENT, (), f"{domain!r} is not a domain name that can have MX records"
@@ -162,7 +158,7 @@ class MxResolver:
         if outcome is _Lookup.NODATA:
             return await self._implicit_mx(name)
         assert answer is not None
-        records = [(int(rd.preference), normalize(rd.exchange.to_text())) for rd in answer]
+        records = [(int(rd.preference), normalize_domain(rd.exchange.to_text())) for rd in answer]
         return await self._explicit_mx(name, records)
 
     async def addresses(self, host: str) -> tuple[str, ...]:
@@ -173,7 +169,7 @@ class MxResolver:
             return (literal,)
         if self._setup_error:
             return ()
-        return (await self._host_addresses(normalize(host))).addresses
+        return (await self._host_addresses(normalize_domain(host))).addresses
 
     # ---- MX sets -----------------------------------------------------------------------------
 

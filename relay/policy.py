@@ -17,6 +17,7 @@ import re
 import ssl
 from dataclasses import dataclass
 
+from relay.addresses import normalize_domain
 from relay.config import PolicyConfig, TlsLevel
 
 
@@ -55,23 +56,22 @@ class Verdict:
     reason: str
 
 
-def _norm(name: str) -> str:
-    return name.strip().lower().rstrip(".")
-
-
 def requirement(policy: PolicyConfig, domain: str, mx_host: str) -> Requirement:
     """What delivery of mail for *domain* through *mx_host* requires (static policy only;
     MTA-STS and DANE could only ever raise this, never lower it)."""
-    domain = _norm(domain)
+    domain = normalize_domain(domain)
     configured, source = policy.for_domain(domain)
     names = (
         domain,
-        *(_norm(m) if not m.startswith(".") else "." + _norm(m[1:]) for m in configured.match),
+        *(
+            normalize_domain(m) if not m.startswith(".") else "." + normalize_domain(m[1:])
+            for m in configured.match
+        ),
     )
     return Requirement(
         level=configured.level,
         min_version=configured.min_version,
-        mx_host=_norm(mx_host),
+        mx_host=normalize_domain(mx_host),
         secure_names=tuple(dict.fromkeys(names)),
         source=source,
     )
@@ -107,7 +107,7 @@ def _version_name(v: ssl.TLSVersion) -> str:
 def _a_labels(name: str) -> str | None:
     """Case-folded A-label form of *name* (RFC 6125 §6.4.2: compare A-labels), or None
     if it is not a valid host name."""
-    name = _norm(name)
+    name = normalize_domain(name)
     if not name or any(not label for label in name.split(".")):
         return None
     labels = []

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.addresses import normalize_domain
 from relay.config import Config, Route, TlsLevel
-from relay.mx import MxResolver, MxResult, MxStatus, normalize, route_for
+from relay.mx import MxResolver, MxResult, MxStatus, route_for
 from relay.policy import Requirement, requirement
 
 NOT_IMPLEMENTED = (
@@ -82,7 +83,7 @@ async def _gather(
 
 def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:
     """The text printed by ``tls-relay policy DOMAIN`` (does DNS lookups; no SMTP)."""
-    name = normalize(domain)
+    name = normalize_domain(domain)
     if resolver is None:
         resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
     route, next_hop_addrs, mx = asyncio.run(_gather(cfg, name, resolver))
