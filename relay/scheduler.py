@@ -233,11 +233,11 @@ class Scheduler:
                 event(log, "rescan_failed", level=logging.ERROR, error=exc)
 
     def _scan_disk(self, known: dict[str, int]) -> dict[str, tuple[float, int]]:
-        """(In a thread.) Due time and mtime of each queue/ envelope that changed."""
+        """(In a thread.) Due time and change stamp of each queued message that changed."""
         found: dict[str, tuple[float, int]] = {}
         for qid in self.spool.ids():
             try:
-                mtime = (self.spool.queue_dir / f"{qid}.json").stat().st_mtime_ns
+                mtime = self.spool.stamp(qid)
                 if known.get(qid) == mtime:
                     continue
                 found[qid] = (self._next_due(self.spool.load(qid)), mtime)

@@ -1,17 +1,19 @@
 """The spool: the relay's only durable storage, and its one durable write path.
 
-Role: keep each accepted message as two files and make every change to them
-crash-safe.  ``data/<ID>`` holds the message bytes (immutable once written);
-``queue/<ID>.json`` (or ``hold/<ID>.json`` while held) holds the envelope and the
-per-recipient state.  A message exists exactly when its envelope file exists:
-:meth:`Spool.store` writes and fsyncs the data first and the envelope last, so a
-crash in between leaves only an orphaned data file, which :meth:`Spool.recover`
-removes (that message never got a 250).
+Role: keep each accepted message as ONE file and make every change crash-safe.
+``queue/<ID>`` (``hold/<ID>`` while held) is the message file: a header line, the
+envelope as it was at acceptance, then the message bytes; it is written once
+(temp file, fsync, rename, fsync of the directory - group committed) and never
+changed.  Later envelope changes (attempts, per-recipient state) go to
+``state/<ID>.json``, which supersedes the envelope inside the message file.  A
+message exists exactly when its message file exists: one fsync'd file per accepted
+message, as in Postfix (the envelope and data used to be two files: twice the
+fsyncs on the hot path).
 
-Every write goes through :func:`durable_write`: temporary file in the target
-directory, fsync, rename over the target, fsync the directory.
+Removal is an unlink without a directory fsync (as in Postfix): a crash right after
+a delivery may deliver that message again, never lose it.
 
-Per-message ``flock(2)`` locks on the data file let ``tls-relay queue`` commands
+Per-message ``flock(2)`` locks on the message file let ``tls-relay queue`` commands
 run safely while ``serve`` delivers: whoever changes a message holds its lock.
 
 Not: deciding when to deliver (scheduler.py) or what a reply means (delivery.py).
@@ -26,6 +28,7 @@ import dataclasses
 import enum
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
@@ -45,6 +48,7 @@ from relay.safeio import TMP_PREFIX, atomic_write, fsync_dir
 log = logging.getLogger("relay.spool")
 
 ENVELOPE_VERSION = 1
+MAGIC = b"TLS-RELAY-MESSAGE 1 "  # + envelope length, LF; then envelope, then data
 FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
 FRESH_MAX_BYTES = 64 * 1024 * 1024
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
@@ -162,9 +166,9 @@ class Spool:
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = Path(root)
         self.clock = clock
-        self.data_dir = self.root / "data"
         self.queue_dir = self.root / "queue"
         self.hold_dir = self.root / "hold"
+        self.state_dir = self.root / "state"
         self.quarantine_dir = self.root / "quarantine"
         self.control_path = self.root / "control.sock"
         # Messages this process just stored, for the scheduler's first pass: saves
@@ -175,7 +179,7 @@ class Spool:
 
     # -- layout ---------------------------------------------------------------
     def setup(self) -> None:
-        dirs = (self.data_dir, self.queue_dir, self.hold_dir, self.quarantine_dir)
+        dirs = (self.queue_dir, self.hold_dir, self.state_dir, self.quarantine_dir)
         for d in dirs:
             try:
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -186,27 +190,31 @@ class Spool:
         """Sortable by arrival: microseconds since the epoch in hex, then randomness."""
         return f"{int(self.clock() * 1_000_000):013X}{secrets.token_hex(3).upper()}"
 
-    def _env_path(self, qid: str, held: bool = False) -> Path:
-        return (self.hold_dir if held else self.queue_dir) / f"{_checked(qid)}.json"
+    def message_path(self, qid: str, held: bool = False) -> Path:
+        return (self.hold_dir if held else self.queue_dir) / _checked(qid)
 
-    def data_path(self, qid: str) -> Path:
-        return self.data_dir / _checked(qid)
+    def state_path(self, qid: str) -> Path:
+        return self.state_dir / f"{_checked(qid)}.json"
+
+    def _find(self, qid: str) -> tuple[Path, bool]:
+        """The message file of *qid* and whether it is held."""
+        for held in (False, True):
+            path = self.message_path(qid, held)
+            if path.exists():
+                return path, held
+        raise MessageNotFound(f"no such message: {qid}")
 
     # -- writes -----------------------------------------------------------------
     def store(self, envelope: Envelope, data: bytes | Iterable[bytes]) -> None:
-        """Make a new message durable: data first, envelope last (the commit point)."""
-        data_path = self.data_path(envelope.id)
-        durable_write(data_path, data)
-        env_path = self._env_path(envelope.id)
-        try:
-            durable_write(env_path, envelope.to_json())
-        except SpoolError:
-            with contextlib.suppress(OSError):
-                data_path.unlink()
-            raise
+        """Make a new message durable: one file, header + envelope + data."""
+        env_blob = envelope.to_json()
+        head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
+        chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
+        path = self.message_path(envelope.id)
+        durable_write(path, chunks)
         if isinstance(data, bytes):
             with contextlib.suppress(OSError):
-                self._remember(envelope, data, _stamp(os.stat(env_path)))
+                self._remember(envelope, data, _stamp(os.stat(path)))
 
     def _remember(self, envelope: Envelope, data: bytes, stamp: tuple[int, int, int]) -> None:
         with self._fresh_lock:
@@ -219,9 +227,9 @@ class Spool:
                 self._fresh_bytes -= len(dropped.data)
 
     def take_fresh(self, qid: str) -> tuple[Envelope, bytes] | None:
-        """The envelope and data this process stored for *qid*, if the envelope file
-        is still exactly the one written (same inode, mtime and size): nobody, e.g.
-        a `queue` command, changed it since.  Call with the message locked."""
+        """The envelope and data this process stored for *qid*, if nobody (e.g. a
+        `queue` command) changed the message since: same message file in queue/
+        (inode, mtime, size) and no state file.  Call with the message locked."""
         with self._fresh_lock:
             fresh = self._fresh.pop(qid, None)
             if fresh is not None:
@@ -229,34 +237,39 @@ class Spool:
         if fresh is None:
             return None
         try:
-            stamp = _stamp(os.stat(self._env_path(qid)))
+            stamp = _stamp(os.stat(self.message_path(qid)))
         except OSError:
             return None
-        return (fresh.envelope, fresh.data) if stamp == fresh.stamp else None
+        if stamp != fresh.stamp or self.state_path(qid).exists():
+            return None
+        return fresh.envelope, fresh.data
 
     async def store_async(self, envelope: Envelope, data: bytes) -> None:
         await asyncio.to_thread(self.store, envelope, data)
 
     def update(self, envelope: Envelope) -> None:
-        """Durably replace the envelope where it sits (queue or hold)."""
-        durable_write(self._env_path(envelope.id, envelope.held), envelope.to_json())
+        """Durably replace the envelope (the message file itself never changes)."""
+        durable_write(self.state_path(envelope.id), envelope.to_json())
 
     def remove(self, qid: str) -> None:
-        """Remove a message: envelope first (it stops existing), then its data."""
-        for path in (self._env_path(qid), self._env_path(qid, held=True)):
+        """Remove a message: its message file first (it stops existing), then its state.
+
+        No directory fsync: a removal lost in a crash means a second delivery, never
+        a lost message (Postfix makes the same trade)."""
+        for held in (False, True):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                fsync_dir(path.parent)
+                self.message_path(qid, held).unlink()
         with contextlib.suppress(FileNotFoundError):
-            self.data_path(qid).unlink()
+            self.state_path(qid).unlink()
 
     def hold(self, qid: str) -> None:
-        self._move(self._env_path(qid), self._env_path(qid, held=True), qid)
+        self._move(qid, held=True)
 
     def release(self, qid: str) -> None:
-        self._move(self._env_path(qid, held=True), self._env_path(qid), qid)
+        self._move(qid, held=False)
 
-    def _move(self, src: Path, dst: Path, qid: str) -> None:
+    def _move(self, qid: str, held: bool) -> None:
+        src, dst = self.message_path(qid, not held), self.message_path(qid, held)
         try:
             os.rename(src, dst)
         except FileNotFoundError as exc:
@@ -266,30 +279,40 @@ class Spool:
 
     # -- reads ------------------------------------------------------------------
     def load(self, qid: str) -> Envelope:
-        for held in (False, True):
+        path, held = self._find(qid)
+        try:
+            blob = self.state_path(qid).read_bytes()
+        except FileNotFoundError:
             try:
-                blob = self._env_path(qid, held).read_bytes()
-            except FileNotFoundError:
-                continue
-            return Envelope.from_json(blob, held=held)
-        raise MessageNotFound(f"no such message: {qid}")
+                with path.open("rb") as fh:
+                    blob = _read_head(fh, qid)
+            except FileNotFoundError as exc:
+                raise MessageNotFound(f"no such message: {qid}") from exc
+        return Envelope.from_json(blob, held=held)
 
     def read_data(self, qid: str) -> bytes:
+        path, _ = self._find(qid)
         try:
-            return self.data_path(qid).read_bytes()
+            with path.open("rb") as fh:
+                _read_head(fh, qid)
+                return fh.read()
         except FileNotFoundError as exc:
-            raise CorruptMessage(f"message {qid} has no data file") from exc
+            raise MessageNotFound(f"no such message: {qid}") from exc
 
     def ids(self, held: bool = False) -> list[str]:
         folder = self.hold_dir if held else self.queue_dir
-        return sorted(
-            p.name[:-5]
-            for p in folder.iterdir()
-            if p.name.endswith(".json") and not p.name.startswith(".")
-        )
+        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
     def exists(self, qid: str) -> bool:
-        return self._env_path(qid).exists() or self._env_path(qid, held=True).exists()
+        return any(self.message_path(qid, held).exists() for held in (False, True))
+
+    def stamp(self, qid: str) -> int:
+        """Changes whenever the envelope may have changed: the state file's mtime, or
+        the message file's for a message never updated.  OSError if gone."""
+        try:
+            return self.state_path(qid).stat().st_mtime_ns
+        except FileNotFoundError:
+            return self.message_path(qid).stat().st_mtime_ns
 
     # -- locking ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -298,12 +321,15 @@ class Spool:
 
         ``wait=False`` raises MessageBusy when another process holds it.
         """
-        # The data file is the lock target: it is never replaced while the message
-        # exists, so no extra lock file is created and removed per message.
-        try:
-            fd = os.open(self.data_path(qid), os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise MessageNotFound(f"no such message: {qid}") from exc
+        # The message file is the lock target: never replaced while the message
+        # exists (hold/release rename it, which keeps the inode and the lock).
+        fd = -1
+        for held in (False, True):
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(self.message_path(qid, held), os.O_RDONLY)
+                break
+        if fd < 0:
+            raise MessageNotFound(f"no such message: {qid}")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -319,48 +345,48 @@ class Spool:
     def recover(self) -> list[str]:
         """Startup clean-up after a crash.  Returns one line per action taken.
 
-        Temp files are removed; data without an envelope never got a 250 and is
-        removed; an envelope that cannot be parsed or lost its data is moved to
-        quarantine (never deleted) so an operator can look at it.
+        Temp files are removed (a message whose temp file never got its rename
+        never got a 250); a state file without its message is removed; a message
+        whose header or envelope cannot be parsed is moved to quarantine (never
+        deleted) so an operator can look at it.
         """
         self.setup()
         actions: list[str] = []
-        for folder in (self.data_dir, self.queue_dir, self.hold_dir):
+        for folder in (self.queue_dir, self.hold_dir, self.state_dir):
             for tmp in folder.glob(f"{TMP_PREFIX}*"):
                 tmp.unlink(missing_ok=True)
                 actions.append(f"removed temp file {tmp.name}")
         live: set[str] = set()
         for held in (False, True):
             for qid in self.ids(held):
-                problem = self._check_one(qid, held)
+                problem = self._check_one(qid)
                 if problem is None:
                     live.add(qid)
                     continue
                 self.quarantine(qid, held, problem)
                 actions.append(f"quarantined {qid}: {problem}")
-        for data in self.data_dir.iterdir():
-            if data.name not in live and not data.name.startswith("."):
-                data.unlink(missing_ok=True)
-                actions.append(f"removed data without envelope {data.name} (never acknowledged)")
+        for state in self.state_dir.iterdir():
+            if state.name.endswith(".json") and state.name[:-5] not in live:
+                state.unlink(missing_ok=True)
+                actions.append(f"removed state without message {state.name}")
         for line in actions:
             event(log, "spool_recover", action=line)
         return actions
 
-    def _check_one(self, qid: str, held: bool) -> str | None:
+    def _check_one(self, qid: str) -> str | None:
         try:
-            Envelope.from_json(self._env_path(qid, held).read_bytes(), held=held)
+            self.load(qid)
+            self.read_data(qid)
         except CorruptMessage as exc:
             return str(exc)
-        except (OSError, ValueError) as exc:
-            return f"unreadable envelope: {exc}"
-        if not self.data_path(qid).exists():
-            return "data file missing"
+        except (OSError, ValueError, MessageNotFound) as exc:
+            return f"unreadable message: {exc}"
         return None
 
     def quarantine(self, qid: str, held: bool, reason: str) -> None:
         """Move a damaged message's files aside; they are never deleted."""
         stamp = f"{int(self.clock())}"
-        for src in (self._env_path(qid, held), self.data_path(qid)):
+        for src in (self.message_path(qid, held), self.state_path(qid)):
             if src.exists():
                 os.replace(src, self.quarantine_dir / f"{src.name}.{stamp}")
         fsync_dir(self.quarantine_dir)
@@ -375,6 +401,21 @@ class Spool:
             except OSError:
                 return False
         return True
+
+
+def _read_head(fh: BinaryIO, qid: str) -> bytes:
+    """Read a message file's header line and envelope; *fh* is left at the data."""
+    line = fh.readline(64)
+    if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+        raise CorruptMessage(f"message {qid} has no spool header")
+    try:
+        length = int(line[len(MAGIC) : -1])
+    except ValueError as exc:
+        raise CorruptMessage(f"message {qid} has a bad spool header") from exc
+    blob = fh.read(length)
+    if len(blob) != length:
+        raise CorruptMessage(f"message {qid} is truncated")
+    return blob
 
 
 @dataclass

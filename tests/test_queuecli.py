@@ -219,7 +219,7 @@ def test_delete_sends_no_bounce(q: Q) -> None:
     env = deferred(q)
     assert q.run("delete", env.id)[:2] == (0, f"{env.id}: deleted (no bounce sent)\n")
     assert q.spool.ids() == [] and q.spool.ids(held=True) == []
-    assert list(q.spool.data_dir.iterdir()) == []
+    assert list(q.spool.queue_dir.iterdir()) == list(q.spool.state_dir.iterdir()) == []
 
 
 def test_bounce_queues_dsn_for_pending_recipients(q: Q, control: socket.socket) -> None:

@@ -397,7 +397,7 @@ async def test_delay_warning_once(t: Env) -> None:
 
 
 async def test_corrupt_envelope_is_quarantined_and_start_continues(t: Env) -> None:
-    (t.spool.queue_dir / "BAD1.json").write_bytes(b"{not json")
+    (t.spool.queue_dir / "BAD1").write_bytes(b"TLS-RELAY-MESSAGE 1 9\n{not json")
     qid = t.queue("a@x.test")
     await t.start()
     await until(lambda: not t.spool.exists(qid))

@@ -81,22 +81,42 @@ def test_ids_from_outside_cannot_escape_the_spool(spool: Spool) -> None:
 def test_recover_removes_orphans_and_quarantines_damage(spool: Spool) -> None:
     good = make_env(spool, "a@x.test")
     spool.store(good, b"x")
-    (spool.data_dir / "ORPHAN1").write_bytes(b"never acknowledged")
-    (spool.queue_dir / ".tmp-half.json.abcd").write_bytes(b"{")
-    (spool.queue_dir / "BROKEN1.json").write_bytes(b"{not json")
-    (spool.data_dir / "BROKEN1").write_bytes(b"data")
-    nodata = make_env(spool, "b@x.test")
-    spool.store(nodata, b"y")
-    spool.data_path(nodata.id).unlink()
+    (spool.queue_dir / ".tmp-HALF1.abcd").write_bytes(b"TLS-RELAY-MESSAGE 1 ")  # never renamed
+    (spool.state_dir / "ORPHAN1.json").write_bytes(b"{}")  # its message was removed
+    (spool.queue_dir / "BROKEN1").write_bytes(b"{not a spool file")
+    truncated = make_env(spool, "b@x.test")
+    spool.store(truncated, b"y")
+    path = spool.message_path(truncated.id)
+    path.write_bytes(path.read_bytes()[:30])
+    badstate = make_env(spool, "c@x.test")
+    spool.store(badstate, b"z")
+    spool.state_path(badstate.id).write_bytes(b"{not json")
 
     actions = spool.recover()
 
     assert spool.ids() == [good.id]
-    assert not (spool.data_dir / "ORPHAN1").exists()
+    assert not (spool.state_dir / "ORPHAN1.json").exists()
     assert not list(spool.queue_dir.glob(".tmp-*"))
     quarantined = sorted(p.name.split(".")[0] for p in spool.quarantine_dir.iterdir())
-    assert "BROKEN1" in quarantined and nodata.id in quarantined
+    assert quarantined == sorted(["BROKEN1", truncated.id, badstate.id, badstate.id])
     assert any("BROKEN1" in a for a in actions)
+    assert spool.load(good.id) == good and spool.read_data(good.id) == b"x"
+
+
+def test_one_file_per_message_until_the_first_update(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    spool.store(env, [b"chunked ", b"data"])
+    assert [p.name for p in spool.queue_dir.iterdir()] == [env.id]
+    assert list(spool.state_dir.iterdir()) == []
+    head = spool.message_path(env.id).read_bytes()
+    assert head.startswith(b"TLS-RELAY-MESSAGE 1 ") and head.endswith(b"}chunked data")
+    env.recipients[0].state = RcptState.DEFERRED
+    spool.update(env)
+    assert spool.load(env.id).recipients[0].state is RcptState.DEFERRED  # state wins
+    assert spool.read_data(env.id) == b"chunked data"
+    spool.remove(env.id)
+    assert list(spool.queue_dir.iterdir()) == list(spool.state_dir.iterdir()) == []
+    assert not spool.exists(env.id)
 
 
 def test_corrupt_envelope_is_reported(spool: Spool) -> None:
@@ -119,7 +139,7 @@ def test_enospc_is_spool_full_and_leaves_no_temp(tmp_path: Path) -> None:
 
         with pytest.raises(SpoolFullError):
             spool.store(env, b"x" * 200_000)
-        assert list(spool.data_dir.iterdir()) == []
+        assert list(spool.queue_dir.iterdir()) == []  # no temp file left
         assert spool.ids() == []
         small = make_env(spool, "b@x.test")
         spool.store(small, b"fits")  # the spool keeps working once space is there

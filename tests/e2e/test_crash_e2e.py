@@ -69,7 +69,7 @@ def test_kill_mid_data_keeps_nothing(relay: RelayFactory, postfix_mx: PostfixMx)
     proc.start()
     assert queue_json(proc) == []
     spool = proc.spool()
-    assert list(spool.data_dir.iterdir()) == [] and spool.ids() == []
+    assert list(spool.queue_dir.iterdir()) == [] and spool.ids() == []  # no temp file
     assert settle(postfix_mx) == 0
 
 
