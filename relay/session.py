@@ -47,6 +47,8 @@ log = logging.getLogger("relay.listener")
 
 # RFC 3207 section 4: before TLS only these; the rest gets 530 5.7.0.
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "STARTTLS"})
+# RFC 2920 3.1: commands whose reply may wait for the rest of a pipelined group.
+PIPELINABLE = frozenset({"MAIL", "RCPT", "RSET"})
 COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
 # MAIL grows by its parameters: SIZE (RFC 1870, 26), SMTPUTF8 (RFC 6531, 10), BODY (RFC 6152, 14)
 MAIL_LINE = COMMAND_LINE + 26 + 10 + 14
@@ -126,6 +128,8 @@ class RelaySMTP(SMTP):
         self._addr: IPAddress = ipaddress.IPv4Address(0)
         self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
         self._last_user: str | None = None
+        self._out: list[bytes] = []  # replies held back for a pipelined group (push)
+        self._may_hold = False
 
     # -- connection ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,13 +216,29 @@ class RelaySMTP(SMTP):
 
     # -- replies and the command guard -------------------------------------------------
     async def push(self, status: AnyStr) -> None:
+        """Queue one reply line; send what is queued unless RFC 2920 lets us wait.
+
+        A reply to MAIL, RCPT or RSET is held back while another pipelined command
+        line is already buffered: the whole group's replies then leave in one TLS
+        record and one send, as Postfix's smtpd does.  Every other reply - and any
+        reply when no complete line is waiting - is sent at once, so a client that
+        waits for us is never kept waiting.
+        """
         if isinstance(status, str):
-            await super().push(_AIOSMTPD_REPLIES.get(status, status))
+            text = _AIOSMTPD_REPLIES.get(status, status)
+            line = text.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
-            await super().push(status)
+            line = bytes(status)
+        self._out.append(line + b"\r\n")
+        if self._may_hold and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            return
+        self._writer.write(b"".join(self._out))
+        self._out.clear()
+        await self._writer.drain()
 
     def _write_raw(self, data: bytes) -> None:
-        """Write outside the command loop (timeouts, shutdown)."""
+        """Write outside the command loop (timeouts, shutdown), after held replies."""
+        data, self._out = b"".join(self._out) + data, []
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(data)
@@ -257,7 +277,11 @@ class RelaySMTP(SMTP):
             if name not in ALLOWED_BEFORE_TLS and not self.tls_active():
                 await self.reply(replies.STARTTLS_FIRST)
                 return
-            await method(arg)
+            self._may_hold = name in PIPELINABLE
+            try:
+                await method(arg)
+            finally:
+                self._may_hold = False
 
         return run
 

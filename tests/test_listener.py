@@ -299,3 +299,26 @@ async def test_tls_below_1_2_refused(intake: IntakeFactory) -> None:
 
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await asyncio.to_thread(run)
+
+
+async def test_pipelined_group_is_answered_in_one_record(intake: IntakeFactory) -> None:
+    """RFC 2920: MAIL/RCPT replies wait for the rest of a pipelined group and leave
+    together (one TLS record: one recv gets all four); a lone command is answered
+    at once, and a rejected RCPT in the group keeps its place."""
+    h = await intake()
+
+    def run() -> tuple[bytes, tuple[int, str], tuple[int, str]]:
+        with session(HOST, h.starttls_port, h.client_context()) as raw:
+            raw.send(
+                b"MAIL FROM:<app@a.test>\r\nRCPT TO:<b@b.test>\r\nRCPT TO:<bad address>\r\nDATA\r\n"
+            )
+            first = raw.sock.recv(65536)
+            raw.send(MSG + b".\r\n")
+            stored = raw.reply()
+            alone = raw.cmd("MAIL FROM:<app@a.test>")  # nothing buffered after it
+            return first, stored, alone
+
+    first, stored, alone = await asyncio.to_thread(run)
+    codes = [line[:3] for line in first.split(b"\r\n") if line]
+    assert codes == [b"250", b"250", b"553", b"354"]
+    assert stored[0] == 250 and alone[0] == 250
