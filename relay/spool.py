@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import enum
 import errno
 import fcntl
@@ -122,8 +121,14 @@ class Envelope:
         return all(r.state.final for r in self.recipients)
 
     def to_json(self) -> bytes:
-        raw = dataclasses.asdict(self)
+        # By hand rather than dataclasses.asdict (a recursive deep copy): this runs
+        # for every accepted message.  test_spool round-trips every field.
+        raw = dict(vars(self))
         raw.pop("held")
+        raw["recipients"] = [
+            {**vars(r), "history": [vars(a) for a in r.history]} for r in self.recipients
+        ]
+        raw["client"] = vars(self.client) if self.client is not None else None
         raw["version"] = ENVELOPE_VERSION
         return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
 
@@ -256,11 +261,13 @@ class Spool:
 
         No directory fsync: a removal lost in a crash means a second delivery, never
         a lost message (Postfix makes the same trade)."""
-        for held in (False, True):
+        try:
+            os.unlink(self.message_path(qid))
+        except FileNotFoundError:
             with contextlib.suppress(FileNotFoundError):
-                self.message_path(qid, held).unlink()
+                os.unlink(self.message_path(qid, held=True))
         with contextlib.suppress(FileNotFoundError):
-            self.state_path(qid).unlink()
+            os.unlink(self.state_path(qid))
 
     def hold(self, qid: str) -> None:
         self._move(qid, held=True)
