@@ -7,17 +7,18 @@ app.py / cli.py; modules only call :func:`event`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._-:/+[]<>,=")
+_SAFE = re.compile(r"[A-Za-z0-9@._\-:/+\[\]<>,=]+")  # printed bare; anything else is quoted
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if text and all(ch in _SAFE for ch in text):
+    if _SAFE.fullmatch(text):
         return text
     escaped = (
         text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
