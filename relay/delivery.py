@@ -37,7 +37,6 @@ from relay.outbound import (
     TxResult,
     open_session,
     polite_quit,
-    reset,
     transact,
 )
 from relay.outbound_tls import ClientContexts, ContextKey
@@ -50,6 +49,7 @@ log = logging.getLogger("relay.delivery")
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 IDLE_TIMEOUT = 10.0  # seconds an idle pooled session is kept
 QUIT_TIMEOUT = 5.0
+MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
 _LOG_OUTCOME = {
     Status.DELIVERED: "delivered",
     Status.TRANSIENT: "deferred",
@@ -298,13 +298,33 @@ class Deliverer:
                 got.verdict,
             )
             return
-        session, verdict = got
+        session, verdict, reused = got
         env = Envelope(sender, mail_options, [attempt.recipients[i] for i in pending], data)
-        try:
-            result = await transact(session, env, self.cfg, attempt.trace)
-        except BaseException:
-            session.smtp.close()  # deadline or cancellation mid-transaction: never pool it
-            raise
+        for _ in range(MAX_STALE + 1):
+            try:
+                result = await transact(session, env, self.cfg, attempt.trace, reset=reused)
+            except BaseException:
+                session.smtp.close()  # deadline or cancellation mid-transaction: never pool it
+                raise
+            if not result.stale:
+                break
+            # A pooled session died while idle; nothing was sent: the next one.
+            await polite_quit(session.smtp, QUIT_TIMEOUT)
+            got = await self._session(key, target, req, ctx, ctx_key[0], attempt.trace)
+            if isinstance(got, Failure):
+                attempt.reasons.append(got.reason)
+                self._log(
+                    attempt,
+                    pending,
+                    Status.TRANSIENT,
+                    got.reason,
+                    target,
+                    req,
+                    got.observed,
+                    got.verdict,
+                )
+                return
+            session, verdict, reused = got
         session.messages += 1
         groups = attempt.record(pending, result, session)
         for (status, reason), indexes in groups.items():
@@ -319,19 +339,16 @@ class Deliverer:
         ctx: ssl.SSLContext,
         verify: bool,
         trace: Trace,
-    ) -> tuple[Session, Verdict] | Failure:
-        """A pooled session that still satisfies *req* (after RSET), or a new one."""
+    ) -> tuple[Session, Verdict, bool] | Failure:
+        """A pooled session that still satisfies *req*, or a new one; and whether it
+        is a reused one (transact then sends RSET first, which also proves it alive)."""
         while self.cfg.connection_reuse and (session := self._pool.take(key)) is not None:
             verdict = decide(req, session.observed)  # the same pure verdict as a new session
-            trace.stage = f"RSET on a reused session to {target.label}"
-            try:
-                if verdict.ok and await reset(session, self.cfg.command_timeout):
-                    return session, verdict
-            except BaseException:
-                session.smtp.close()  # the deadline hit while it was out of the pool
-                raise
-            await polite_quit(session.smtp, QUIT_TIMEOUT)  # dead or unfit: not a failure
-        return await open_session(target, req, ctx, verify, self.cfg, self.hostname, trace)
+            if verdict.ok:
+                return session, verdict, True
+            await polite_quit(session.smtp, QUIT_TIMEOUT)  # unfit now: not a failure
+        got = await open_session(target, req, ctx, verify, self.cfg, self.hostname, trace)
+        return got if isinstance(got, Failure) else (*got, False)
 
     async def _release(self, key: PoolKey, session: Session, reusable: bool) -> None:
         if (

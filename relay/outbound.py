@@ -32,7 +32,7 @@ from aiosmtplib import SMTPException, SMTPResponseException
 from relay.config import DeliveryConfig, RouteAuth
 from relay.outbound_tls import describe_handshake_error, observe
 from relay.policy import Observed, Requirement, Verdict, decide
-from relay.wiredata import send_data
+from relay.wiredata import command, pipelined, send_data
 
 
 class Status(enum.StrEnum):
@@ -97,11 +97,14 @@ class TxResult:
     """Per-recipient decisions (by index into the recipients given to :func:`transact`).
     ``session_error``: the session failed before these recipients were decided; the
     undecided ones may try the next MX.  ``reusable``: the session may carry another
-    transaction (the server is at a clean state after RSET or a completed DATA)."""
+    transaction (after an RSET, which :func:`transact` sends first on a reused one)."""
 
     decided: dict[int, Decision] = field(default_factory=dict)
     session_error: str | None = None
     reusable: bool = False
+    # A reused session turned out dead or unfit before any message data went out:
+    # nothing was decided, and the same recipients may go over a fresh session.
+    stale: bool = False
 
 
 def reply_text(code: int, message: str, target: Target) -> str:
@@ -265,18 +268,6 @@ async def polite_quit(smtp: aiosmtplib.SMTP, timeout: float = 5.0) -> None:
     smtp.close()
 
 
-async def reset(session: Session, timeout: float) -> bool:
-    """RSET before reusing a pooled session (RFC 5321 §4.1.1.5); False if it is dead."""
-    if not session.smtp.is_connected:
-        return False
-    try:
-        await session.smtp.rset(timeout=timeout)
-    except (SMTPException, OSError):
-        session.smtp.close()
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class Envelope:
     sender: str
@@ -342,8 +333,14 @@ def _all(
     return result
 
 
-async def transact(session: Session, env: Envelope, cfg: DeliveryConfig, trace: Trace) -> TxResult:
-    """MAIL, RCPT per recipient, DATA (RFC 5321 §3.3); every reply classified here."""
+async def transact(
+    session: Session, env: Envelope, cfg: DeliveryConfig, trace: Trace, *, reset: bool = False
+) -> TxResult:
+    """MAIL, RCPT per recipient, DATA (RFC 5321 §3.3); every reply classified here.
+
+    *reset*: the session was used before; RSET first (RFC 5321 §4.1.1.5), which also
+    proves it is still alive - if not, ``stale`` says so.  A server that offers
+    PIPELINING gets [RSET,] MAIL, the RCPTs and DATA in one write (RFC 2920)."""
     smtp, target, count = session.smtp, session.target, len(env.recipients)
     result = TxResult()
     if smtp.get_transport_info("ssl_object") is None:  # defence in depth: never plaintext
@@ -355,6 +352,15 @@ async def transact(session: Session, env: Envelope, cfg: DeliveryConfig, trace: 
         result.reusable = True  # nothing was sent
         return _all(result, count, Status.PERMANENT, problem or "unsendable")
     encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
+    if smtp.supports_extension("pipelining"):
+        await _pipelined(smtp, env, opts, encoding, cfg, target, trace, result, reset)
+        return result
+    if reset:
+        trace.stage = f"RSET on a reused session to {target.label}"
+        if not await _rset(smtp):
+            result.stale = True
+            result.session_error = f"reused session to {target.label} is gone"
+            return result
     try:
         trace.stage = f"MAIL FROM at {target.label}"
         await smtp.mail(env.sender, options=opts, encoding=encoding)
@@ -379,6 +385,98 @@ async def transact(session: Session, env: Envelope, cfg: DeliveryConfig, trace: 
         return result
     await _data(smtp, env, accepted, cfg, target, trace, result)
     return result
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP,
+    env: Envelope,
+    opts: list[str],
+    encoding: str,
+    cfg: DeliveryConfig,
+    target: Target,
+    trace: Trace,
+    result: TxResult,
+    reset: bool,
+) -> None:
+    """[RSET,] MAIL, RCPT..., DATA in one write; then the message if DATA got 354.
+
+    The replies mean what they mean in the one-by-one exchange; nothing of the
+    message is sent unless MAIL, at least one RCPT and DATA were accepted."""
+    count = len(env.recipients)
+    try:
+        lines = [command(b"MAIL FROM:", env.sender, opts, encoding)]
+    except ValueError as exc:  # not encodable / control characters: no MX will take it
+        result.reusable = smtp.is_connected
+        _all(result, count, Status.PERMANENT, f"sender {env.sender!r} cannot be sent: {exc}")
+        return
+    sent: list[int] = []
+    for i, (address, options) in enumerate(env.recipients):
+        try:
+            lines.append(command(b"RCPT TO:", address, _rcpt_options(options, smtp), encoding))
+        except ValueError as exc:
+            result.decided[i] = Decision(Status.PERMANENT, f"recipient cannot be sent: {exc}")
+            continue
+        sent.append(i)
+    if not sent:
+        result.reusable = smtp.is_connected  # nothing was sent
+        return
+    lines = ([b"RSET\r\n"] if reset else []) + lines + [b"DATA\r\n"]
+    trace.stage = f"MAIL/RCPT/DATA (pipelined) at {target.label}"
+    replies, error = await pipelined(smtp, lines, cfg.command_timeout)
+    lost = f"connection lost at {target.label}: {error}"
+    if reset:
+        rset = replies.pop(0) if replies else None
+        if rset is None or rset.code != 250:
+            smtp.close()  # gone or unfit for reuse; what it said to the rest does not count
+            result.stale = True
+            result.session_error = lost if rset is None else f"{target.label} refused RSET"
+            return
+    if not replies:
+        result.session_error = lost
+        return
+    mail, rcpts, data = replies[0], replies[1 : 1 + len(sent)], replies[1 + len(sent) :]
+    if mail.code != 250:
+        if data and data[0].code == 354:
+            smtp.close()  # it waits for a message we will not send: end the session
+        reason = reply_text(mail.code, mail.message, target)
+        if mail.code == 421 or mail.code < 500:
+            result.session_error = reason  # RFC 5321 §4.2.1: this MX is busy; try the next
+            return
+        result.reusable = smtp.is_connected
+        _all(result, count, Status.PERMANENT, reason, raw_reply(mail.code, mail.message))
+        return
+    accepted: list[int] = []
+    for i, reply in zip(sent, rcpts, strict=False):
+        reason = reply_text(reply.code, reply.message, target)
+        if reply.code == 421:
+            smtp.close()
+            result.session_error = reason  # the MX is closing: the rest may try the next MX
+            return
+        if reply.code in (250, 251):
+            accepted.append(i)
+        else:
+            result.decided[i] = Decision(
+                classify(reply.code), reason, raw_reply(reply.code, reply.message)
+            )
+    if not data:  # the connection broke before every reply came: nothing was sent
+        result.session_error = lost
+        return
+    if data[0].code != 354:
+        reason = reply_text(data[0].code, data[0].message, target)
+        if data[0].code == 421 and accepted:
+            smtp.close()
+            result.session_error = reason
+            return
+        decision = Decision(
+            classify(data[0].code), reason, raw_reply(data[0].code, data[0].message)
+        )
+        for i in accepted:
+            result.decided[i] = decision
+        result.reusable = smtp.is_connected
+    elif not accepted:
+        smtp.close()  # 354 although no recipient was accepted: end the session instead
+    else:
+        await _data(smtp, env, accepted, cfg, target, trace, result, started=True)
 
 
 async def _recipients(
@@ -421,12 +519,15 @@ async def _data(
     target: Target,
     trace: Trace,
     result: TxResult,
+    *,
+    started: bool = False,
 ) -> None:
-    """DATA; its reply applies to every accepted recipient (RFC 5321 §3.3)."""
+    """DATA (or, *started*, just the message after a 354 already received); its
+    reply applies to every accepted recipient (RFC 5321 §3.3)."""
     trace.stage = f"DATA at {target.label}"
     try:
         # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
-        reply = await send_data(smtp, env.data, 2 * cfg.command_timeout)
+        reply = await send_data(smtp, env.data, 2 * cfg.command_timeout, started=started)
     except SMTPResponseException as exc:
         decision = Decision(
             classify(exc.code),

@@ -9,17 +9,38 @@ marking a reply as expected before each write (its STARTTLS response-injection
 fix, 5.1.3).  Anything unexpected - data that is not CRLF-only, an aiosmtplib
 whose internals differ - falls back to ``SMTP.data()``.
 
+:func:`pipelined` sends a group of commands in one write (RFC 2920 PIPELINING) and
+collects their replies in order.  aiosmtplib reads one reply per command and drops
+bytes that arrive while a parsed reply awaits pickup, so for the group the transport
+is handed to a small collector protocol (``transport.set_protocol``, public API) and
+handed back after the last reply.
+
 Not: deciding what a reply means (outbound.py classifies it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import re
+
 import aiosmtplib
-from aiosmtplib import SMTPDataError, SMTPResponse, SMTPServerDisconnected, SMTPTimeoutError
+from aiosmtplib import (
+    SMTPDataError,
+    SMTPException,
+    SMTPReadTimeoutError,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
 
 from relay.message import crlf_only
 
 CRLF = b"\r\n"
+MAX_REPLY_LINE = 8192  # as aiosmtplib
+MAX_REPLIES_BYTES = 4 * MAX_REPLY_LINE + 64 * 1024  # a group's replies, buffered at most
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's command-injection check
 
 
 def dot_stuff(data: bytes) -> bytes:
@@ -31,22 +52,30 @@ def dot_stuff(data: bytes) -> bytes:
     return body + b".\r\n"
 
 
-async def send_data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
-    """DATA, the message, and the final reply, as ``SMTP.data()`` does."""
+async def send_data(
+    smtp: aiosmtplib.SMTP, data: bytes, timeout: float, *, started: bool = False
+) -> SMTPResponse:
+    """DATA, the message, and the final reply, as ``SMTP.data()`` does.  With
+    *started*, DATA already got its 354 (it ended a pipelined group): only the
+    message and the final reply."""
     protocol = smtp.protocol
     lock = getattr(protocol, "_command_lock", None)
-    if protocol is None or lock is None or not hasattr(protocol, "_response_pending"):
+    usable = protocol is not None and lock is not None and hasattr(protocol, "_response_pending")
+    if not usable or not crlf_only(data):
+        if started:  # cannot happen for spooled data (CRLF-only), but never send it raw
+            smtp.close()
+            raise SMTPServerDisconnected("message data is not CRLF-only; connection closed")
         return await smtp.data(data, timeout=timeout)
-    if not crlf_only(data):
-        return await smtp.data(data, timeout=timeout)
+    assert protocol is not None and lock is not None
     wire = dot_stuff(data)
     try:
         async with lock:
-            protocol._response_pending = True
-            protocol.write(b"DATA\r\n")
-            start = await protocol.read_response(timeout=timeout)
-            if start.code != 354:
-                raise SMTPDataError(start.code, start.message)
+            if not started:
+                protocol._response_pending = True
+                protocol.write(b"DATA\r\n")
+                start = await protocol.read_response(timeout=timeout)
+                if start.code != 354:
+                    raise SMTPDataError(start.code, start.message)
             protocol._response_pending = True
             protocol.write(wire)
             reply = await protocol.read_response(timeout=timeout)
@@ -56,3 +85,123 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPR
     except (SMTPServerDisconnected, SMTPTimeoutError):
         smtp.close()
         raise
+
+
+def command(verb: bytes, path: str, params: list[str], encoding: str) -> bytes:
+    """``MAIL FROM:<path> PARAM ...`` as one CRLF-terminated line.  *path* was
+    validated at intake (relay.addresses) and is sent as it is - aiosmtplib's
+    quote_address would re-parse it with email.utils.  ValueError for control
+    characters (command injection) or an address the encoding cannot carry."""
+    line = b" ".join([verb + b"<" + path.encode(encoding) + b">", *(p.encode() for p in params)])
+    if _CONTROL.search(line):
+        raise ValueError("command contains a prohibited control character")
+    return line + CRLF
+
+
+class _Collector(asyncio.Protocol):
+    """Takes a connection's incoming bytes for one pipelined group; splits replies."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.buffer = bytearray()
+        self.replies: collections.deque[SMTPResponse] = collections.deque()
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            while (reply := _split_reply(self.buffer)) is not None:
+                self.replies.append(reply)
+            if len(self.buffer) > MAX_REPLIES_BYTES:
+                raise SMTPResponseException(-1, "Response too long")
+        except SMTPResponseException as exc:
+            self.error = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.error = self.error or SMTPServerDisconnected("Unexpected EOF received")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.error = self.error or SMTPServerDisconnected("Connection lost")
+        self._wake()
+        self.inner.connection_lost(exc)  # aiosmtplib's state: not connected
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self, timeout: float) -> SMTPResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.replies:
+            if self.error is not None:
+                raise self.error
+            self.waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self.waiter, max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        return self.replies.popleft()
+
+
+def _split_reply(buffer: bytearray) -> SMTPResponse | None:
+    """Take one complete (possibly multi-line) reply off the front of *buffer*."""
+    offset, lines = 0, []
+    while (end := buffer.find(b"\n", offset)) >= 0:
+        line = bytes(buffer[offset : end + 1])
+        if len(line) > MAX_REPLY_LINE:
+            raise SMTPResponseException(-1, "Response too long")
+        if not line[:3].isdigit():
+            text = line.decode("utf-8", "replace").strip()
+            raise SMTPResponseException(-1, f"Malformed SMTP response line: {text}")
+        offset = end + 1
+        lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            del buffer[:offset]
+            return SMTPResponse(int(line[:3]), b"\n".join(lines).decode("utf-8", "surrogateescape"))
+    return None
+
+
+async def pipelined(
+    smtp: aiosmtplib.SMTP, lines: list[bytes], timeout: float
+) -> tuple[list[SMTPResponse], Exception | None]:
+    """RFC 2920: write *lines* (each one command with its CRLF) at once; collect one
+    reply per line, in order, each within *timeout*.  Returns the replies and None,
+    or - the connection broke, timed out or sent garbage - the replies received
+    before that and the error; the connection is then closed."""
+    protocol = smtp.protocol
+    lock = getattr(protocol, "_command_lock", None)
+    transport = getattr(protocol, "transport", None)
+    if protocol is None or lock is None or transport is None or transport.is_closing():
+        return [], SMTPServerDisconnected("Server not connected")
+    replies: list[SMTPResponse] = []
+    error: Exception | None = None
+    async with lock:
+        collector = _Collector(protocol)
+        transport.set_protocol(collector)
+        try:
+            transport.write(b"".join(lines))
+            for _ in lines:
+                replies.append(await collector.next(timeout))
+        except (SMTPException, OSError) as exc:
+            error = exc
+        except BaseException:
+            smtp.close()
+            raise
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(protocol)
+        if error is None and (collector.buffer or collector.replies):
+            error = SMTPServerDisconnected("unsolicited data after the pipelined replies")
+        if error is not None:
+            smtp.close()
+        return replies, error

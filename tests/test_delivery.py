@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -153,15 +154,25 @@ async def test_mixed_recipient_replies(postfix_mx: PostfixMx, ca_file: Path) -> 
     assert [m.recipient for m in postfix_mx.wait_messages(1)] == ["ok@example.test"]
 
 
-async def test_all_recipients_refused_resets_and_delivers_nothing(
+async def test_all_recipients_refused_delivers_nothing(
     postfix_mx: PostfixMx, ca_file: Path
 ) -> None:
+    """Postfix offers PIPELINING: MAIL, RCPT and DATA go in one write (RFC 2920); with
+    the only recipient refused, Postfix refuses DATA and no message data is sent.
+    The next transaction on the pooled session starts with RSET."""
     postfix_mx.set_access("nobody@example.test", "550 5.1.1 no such user")
     resolver = FakeResolver({"example.test": [("mx.postfix.test", "127.0.0.1")]})
     d = Deliverer(make_cfg(postfix_mx.port, ca_file), policy(), "relay.test", resolver)
-    outcomes = await send(d, ["nobody@example.test"])
-    assert [o.status for o in outcomes] == [Status.PERMANENT]
-    assert "rset=1" in postfix_mx.wait_log("rset=1")
+    try:
+        for rcpt, status in (("nobody", Status.PERMANENT), ("ok", Status.DELIVERED)):
+            outcomes = await d.deliver(
+                "Q1", "app@src.test", (), "example.test", [(f"{rcpt}@example.test", ())], MESSAGE
+            )
+            assert [o.status for o in outcomes] == [status]
+    finally:
+        await d.close()
+    log = postfix_mx.wait_log("quit=1")
+    assert re.search(r"mail=2 rcpt=1/2 data=1/2 rset=1 quit=1 commands=\d+/\d+", log), log
 
 
 async def test_size_limit_of_postfix_is_permanent(ca: trustme.CA, ca_file: Path) -> None:
@@ -360,6 +371,12 @@ async def test_certificate_checks(
 # ---- transaction details -----------------------------------------------------------------
 
 
+def extensions(pipelining: bool) -> tuple[str, ...]:
+    """The test peer's EHLO keywords; with PIPELINING, transact sends [RSET,] MAIL,
+    RCPT... and DATA in one write (RFC 2920), else one command per round trip."""
+    return ("8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES") + ("PIPELINING",) * pipelining
+
+
 async def _tls_peer(peers: list, ca: trustme.CA, **kw: object) -> SmtpPeer:
     port = free_port(PEER1)
     ctx = server_context(ca.issue_cert("mx1.example.test"))
@@ -396,10 +413,11 @@ async def test_options_carried(ca: trustme.CA, ca_file: Path, peers: list) -> No
     assert peer.messages[0].recipients == ["ü@example.test"]
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
 async def test_connection_reuse_one_tcp_connection(
-    ca: trustme.CA, ca_file: Path, peers: list
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool
 ) -> None:
-    peer = await _tls_peer(peers, ca)
+    peer = await _tls_peer(peers, ca, extensions=extensions(pipelining))
     resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
     d = Deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver)
     try:
@@ -414,12 +432,16 @@ async def test_connection_reuse_one_tcp_connection(
     assert len(peer.messages) == 3
     assert peer.verbs().count("RSET") == 2 and peer.verbs()[-1] == "QUIT"
     assert peer.verbs(tls=False) == ["EHLO", "STARTTLS"]
+    # One write per group: [RSET,] MAIL, RCPT were followed by buffered input; DATA ended it.
+    group = ["MAIL", "RCPT"] + ["RSET", "MAIL", "RCPT"] * 2
+    assert peer.pipelined == (group if pipelining else [])
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
 async def test_reuse_limit_and_dead_pooled_connection(
-    ca: trustme.CA, ca_file: Path, peers: list
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool
 ) -> None:
-    peer = await _tls_peer(peers, ca)
+    peer = await _tls_peer(peers, ca, extensions=extensions(pipelining))
     resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
     cfg = make_cfg(peer.port, ca_file, max_messages_per_connection=2)
     d = Deliverer(cfg, policy(), "relay.test", resolver)
@@ -606,6 +628,7 @@ async def test_concurrency_limits(ca: trustme.CA, ca_file: Path, peers: list) ->
         ({"rcpt_replies": {"b@example.test": "421 4.3.2 closing"}}, [Status.TRANSIENT] * 2, 0),
     ],
 )
+@pytest.mark.parametrize("pipelining", [False, True])
 async def test_envelope_and_data_replies(
     kw: dict,
     expected: list[Status],
@@ -613,8 +636,9 @@ async def test_envelope_and_data_replies(
     ca: trustme.CA,
     ca_file: Path,
     peers: list,
+    pipelining: bool,
 ) -> None:
-    peer = await _tls_peer(peers, ca, **kw)
+    peer = await _tls_peer(peers, ca, extensions=extensions(pipelining), **kw)
     resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
     d = Deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver)
     outcomes = await send(d, ["a@example.test", "b@example.test"])
