@@ -12,13 +12,14 @@ Not: knowing what the files mean (spool.py, users.py, certs.py do).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-import secrets
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+_tmp_serial = itertools.count()  # next() is atomic under the GIL
 
 
 def _fsync_dir_now(path: Path) -> None:
@@ -71,22 +72,25 @@ class DirSync:
                 self._cond.notify_all()
 
 
-_DIR_SYNCS: dict[Path, DirSync] = {}
+_DIR_SYNCS: dict[str, DirSync] = {}
 _DIR_SYNCS_LOCK = threading.Lock()
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, batched with concurrent callers (see _DirSync)."""
+def fsync_dir(path: Path | str) -> None:
+    """fsync a directory, batched with concurrent callers (see DirSync)."""
+    key = os.fspath(path)
     with _DIR_SYNCS_LOCK:
-        syncer = _DIR_SYNCS.get(path)
+        syncer = _DIR_SYNCS.get(key)
         if syncer is None:
-            syncer = _DIR_SYNCS[path] = DirSync(path)
+            syncer = _DIR_SYNCS[key] = DirSync(Path(key))
     syncer.sync()
 
 
-def atomic_write(target: Path, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+def atomic_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
     """Write *target* durably and atomically; OSError on failure, no temp file left."""
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{secrets.token_hex(4)}")
+    folder, name = os.path.split(os.fspath(target))
+    # O_EXCL makes the name safe; pid + counter make it unique without a syscall.
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}.{next(_tmp_serial)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
@@ -98,8 +102,8 @@ def atomic_write(target: Path, chunks: bytes | Iterable[bytes], mode: int = 0o60
         finally:
             os.close(fd)
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        fsync_dir(folder)
     except OSError:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise

@@ -285,9 +285,13 @@ class Scheduler:
         due = _due(env, now)
         if due:
             run = _Pass(env, data, asyncio.Lock(), [])
-            async with asyncio.TaskGroup() as group:
-                for domain, rcpts in _by_domain(due).items():
-                    group.create_task(self._deliver_domain(run, domain, rcpts))
+            domains = _by_domain(due)
+            if len(domains) == 1:  # the common case: no task group needed
+                await self._deliver_domain(run, *next(iter(domains.items())))
+            else:
+                async with asyncio.TaskGroup() as group:
+                    for domain, rcpts in domains.items():
+                        group.create_task(self._deliver_domain(run, domain, rcpts))
             await self._finish(run)
         if env.done:
             self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop

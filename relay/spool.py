@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -52,6 +53,7 @@ FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
 FRESH_MAX_BYTES = 64 * 1024 * 1024
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
 
 
 class RcptState(enum.StrEnum):
@@ -155,7 +157,7 @@ def _recipient(raw: dict[str, Any]) -> Recipient:
     return Recipient(state=state, history=history, **raw)
 
 
-def durable_write(target: Path, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+def durable_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
     """safeio.atomic_write with spool errors: ENOSPC/EDQUOT raise SpoolFullError,
     other OS errors SpoolError; nothing half-written remains either way."""
     try:
@@ -176,6 +178,8 @@ class Spool:
         self.state_dir = self.root / "state"
         self.quarantine_dir = self.root / "quarantine"
         self.control_path = self.root / "control.sock"
+        self._queued, self._held = str(self.queue_dir), str(self.hold_dir)
+        self._states = str(self.state_dir)
         # Messages this process just stored, for the scheduler's first pass: saves
         # re-reading and re-parsing what is still in memory (see take_fresh).
         self._fresh: collections.OrderedDict[str, _Fresh] = collections.OrderedDict()
@@ -192,8 +196,16 @@ class Spool:
                 raise SpoolError(f"cannot create spool directory {d}: {exc.strerror}") from exc
 
     def new_id(self) -> str:
-        """Sortable by arrival: microseconds since the epoch in hex, then randomness."""
-        return f"{int(self.clock() * 1_000_000):013X}{secrets.token_hex(3).upper()}"
+        """Sortable by arrival: microseconds since the epoch in hex, then 24 random
+        bits (unique, not secret: a PRNG seeded from os.urandom, no syscall each)."""
+        return f"{int(self.clock() * 1_000_000):013X}{_ids.getrandbits(24):06X}"
+
+    def _mpath(self, qid: str, held: bool = False) -> str:
+        """message_path as a string: the hot path skips pathlib."""
+        return f"{self._held if held else self._queued}/{_checked(qid)}"
+
+    def _spath(self, qid: str) -> str:
+        return f"{self._states}/{_checked(qid)}.json"
 
     def message_path(self, qid: str, held: bool = False) -> Path:
         return (self.hold_dir if held else self.queue_dir) / _checked(qid)
@@ -215,7 +227,7 @@ class Spool:
         env_blob = envelope.to_json()
         head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
         chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
-        path = self.message_path(envelope.id)
+        path = self._mpath(envelope.id)
         durable_write(path, chunks)
         if isinstance(data, bytes):
             with contextlib.suppress(OSError):
@@ -242,10 +254,10 @@ class Spool:
         if fresh is None:
             return None
         try:
-            stamp = _stamp(os.stat(self.message_path(qid)))
+            stamp = _stamp(os.stat(self._mpath(qid)))
         except OSError:
             return None
-        if stamp != fresh.stamp or self.state_path(qid).exists():
+        if stamp != fresh.stamp or os.path.exists(self._spath(qid)):
             return None
         return fresh.envelope, fresh.data
 
@@ -262,12 +274,12 @@ class Spool:
         No directory fsync: a removal lost in a crash means a second delivery, never
         a lost message (Postfix makes the same trade)."""
         try:
-            os.unlink(self.message_path(qid))
+            os.unlink(self._mpath(qid))
         except FileNotFoundError:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.message_path(qid, held=True))
+                os.unlink(self._mpath(qid, held=True))
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.state_path(qid))
+            os.unlink(self._spath(qid))
 
     def hold(self, qid: str) -> None:
         self._move(qid, held=True)
@@ -333,7 +345,7 @@ class Spool:
         fd = -1
         for held in (False, True):
             with contextlib.suppress(FileNotFoundError):
-                fd = os.open(self.message_path(qid, held), os.O_RDONLY)
+                fd = os.open(self._mpath(qid, held), os.O_RDONLY)
                 break
         if fd < 0:
             raise MessageNotFound(f"no such message: {qid}")
