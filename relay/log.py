@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from typing import Any
 
 _SAFE = re.compile(r"[A-Za-z0-9@._\-:/+\[\]<>,=]+")  # printed bare; anything else is quoted
@@ -38,12 +39,36 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
         logger.log(level, format_event(name, **fields))
 
 
+class LineFormatter(logging.Formatter):
+    """``2026-11-29 06:30:22,123 INFO relay.listener message``, UTC.
+
+    What ``Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")`` with
+    gmtime prints, with the date part formatted once per second, not per line
+    (a few log lines go with every message the relay handles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+        msecs = int((record.created - second) * 1000)
+        line = f"{self._stamp},{msecs:03d} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
 def setup(level: str = "INFO") -> None:
     """Log to stderr, one line per event, UTC timestamps."""
     handler = logging.StreamHandler(sys.stderr)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    fmt.converter = __import__("time").gmtime
-    handler.setFormatter(fmt)
+    handler.setFormatter(LineFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import email.utils
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from relay.replies import BARE_NEWLINE, Reply
 
@@ -87,9 +86,11 @@ def header_block_end(data: bytes) -> tuple[int, bool]:
     return pos, False
 
 
-def header_names(data: bytes) -> set[str]:
-    """Lower-cased names of the fields in the header block only (never the body)."""
-    end, _ = header_block_end(data)
+def header_names(data: bytes, end: int | None = None) -> set[str]:
+    """Lower-cased names of the fields in the header block only (never the body);
+    *end* is header_block_end's offset when the caller already has it."""
+    if end is None:
+        end, _ = header_block_end(data)
     names: set[str] = set()
     for line in data[:end].split(CRLF):
         match = _FIELD_NAME.match(line)
@@ -111,7 +112,7 @@ def _address_literal(ip: str) -> str:
 
 def format_date(now: float) -> str:
     """RFC 5322 3.3 date-time, UTC: ``Tue, 02 Jan 2024 03:04:05 +0000``."""
-    return email.utils.format_datetime(datetime.fromtimestamp(now, UTC))
+    return email.utils.formatdate(now, usegmt=False).replace("-0000", "+0000")
 
 
 def received_field(info: ReceivedInfo) -> bytes:
@@ -140,7 +141,7 @@ def received_field(info: ReceivedInfo) -> bytes:
 def prepare(data: bytes, info: ReceivedInfo) -> bytes:
     """The bytes to spool: Received prepended, Message-ID and Date added when missing."""
     end, has_blank = header_block_end(data)
-    names = header_names(data)
+    names = header_names(data, end)
     added = b""
     if "message-id" not in names:
         added += f"Message-ID: <{info.queue_id}@{info.hostname}>\r\n".encode("ascii")

@@ -430,6 +430,8 @@ class Scheduler:
     def _log_state(self, env: Envelope, rcpt: Recipient, mx: str | None) -> None:
         nxt = rcpt.next_attempt if rcpt.state is RcptState.DEFERRED else None
         self.metrics.deliveries.inc(outcome=str(rcpt.state))  # delivered|deferred|bounced
+        if rcpt.state is RcptState.DELIVERED:
+            return  # the deliverer's line (outcome=delivered, MX, TLS) is the record
         event(
             log,
             "queue_state",

@@ -1,0 +1,38 @@
+"""Structured log lines and their formatter."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import pytest
+
+from relay.log import LineFormatter, format_event
+
+
+@pytest.mark.parametrize("created", [0.0, 1700000000.0, 1700000000.9999, 1764398000.123456])
+def test_line_formatter_prints_what_the_stdlib_format_would(created: float) -> None:
+    reference = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    reference.converter = time.gmtime
+    ours = LineFormatter()
+    record = logging.LogRecord("relay.x", logging.INFO, __file__, 1, "hello %s", ("w",), None)
+    record.created, record.msecs = created, (created - int(created)) * 1000
+    assert ours.format(record) == reference.format(record)
+    assert ours.format(record) == reference.format(record)  # cached second, same text
+
+
+def test_line_formatter_keeps_tracebacks() -> None:
+    reference = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    reference.converter = time.gmtime
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("relay.x", logging.ERROR, __file__, 1, "bug", (), sys.exc_info())
+    assert LineFormatter().format(record) == reference.format(record)
+    assert "ValueError: boom" in LineFormatter().format(record)
+
+
+def test_values_with_spaces_or_quotes_are_quoted() -> None:
+    line = format_event("ev", a="plain", b="two words", c='q"uote', d=None, e="", f="ü")
+    assert line == 'ev a=plain b="two words" c="q\\"uote" d=- e="" f="ü"'
