@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
-from relay.safeio import TMP_PREFIX, atomic_write, fsync_dir
+from relay.safeio import TMP_PREFIX, Committer, atomic_write, fsync_dir, temp_name, write_all
 
 log = logging.getLogger("relay.spool")
 
@@ -51,6 +51,7 @@ ENVELOPE_VERSION = 1
 MAGIC = b"TLS-RELAY-MESSAGE 1 "  # + envelope length, LF; then envelope, then data
 FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
 FRESH_MAX_BYTES = 64 * 1024 * 1024
+LOOP_WRITE_MAX = 256 * 1024  # store_async: bigger messages are written by a worker thread
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
@@ -163,8 +164,12 @@ def durable_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int
     try:
         atomic_write(target, chunks, mode)
     except OSError as exc:
-        kind = SpoolFullError if exc.errno in _FULL_ERRNOS else SpoolError
-        raise kind(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise _spool_error(target, exc) from exc
+
+
+def _spool_error(target: Path | str, exc: OSError) -> SpoolError:
+    kind = SpoolFullError if exc.errno in _FULL_ERRNOS else SpoolError
+    return kind(f"cannot write {target}: {exc.strerror or exc}")
 
 
 class Spool:
@@ -185,6 +190,7 @@ class Spool:
         self._fresh: collections.OrderedDict[str, _Fresh] = collections.OrderedDict()
         self._fresh_bytes = 0
         self._fresh_lock = threading.Lock()
+        self._committer = Committer()
 
     # -- layout ---------------------------------------------------------------
     def setup(self) -> None:
@@ -262,7 +268,33 @@ class Spool:
         return fresh.envelope, fresh.data
 
     async def store_async(self, envelope: Envelope, data: bytes) -> None:
-        await asyncio.to_thread(self.store, envelope, data)
+        """:meth:`store` for the event loop: durable (fsync'd, renamed, directory
+        fsync'd) when it returns.  A small message is written by the loop itself
+        into the page cache and the Committer thread makes it durable; a large one
+        goes to a worker thread whole, so the loop never copies megabytes."""
+        if len(data) > LOOP_WRITE_MAX:
+            await asyncio.to_thread(self.store, envelope, data)
+            return
+        env_blob = envelope.to_json()
+        head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
+        target = self._mpath(envelope.id)
+        tmp = temp_name(target)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _spool_error(target, exc) from exc
+        try:
+            write_all(fd, (head, data))
+            stamp = _stamp(os.fstat(fd))
+            await self._committer.commit(fd, tmp, target)
+        except OSError as exc:
+            for path in (tmp, target):  # it failed before or after the rename
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise _spool_error(target, exc) from exc
+        finally:
+            os.close(fd)
+        self._remember(envelope, data, stamp)
 
     def update(self, envelope: Envelope) -> None:
         """Durably replace the envelope (the message file itself never changes)."""

@@ -204,6 +204,9 @@ class FailingSpool(Spool):
     def store(self, envelope: Envelope, data: object) -> None:
         raise self.error
 
+    async def store_async(self, envelope: Envelope, data: bytes) -> None:
+        raise self.error
+
 
 @pytest.mark.parametrize(
     ("error", "reply"),
