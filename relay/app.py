@@ -21,6 +21,7 @@ Not: business logic of any step - every decision lives in the module named for i
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -157,8 +158,24 @@ async def run(app: App) -> int:
 def serve(cfg: Config) -> int:
     """``tls-relay serve``: run until SIGTERM/SIGINT, exit 0 after a clean stop."""
     relaylog.setup(cfg.log_level)
+    tune_gc()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(run(build(cfg)))
+
+
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes: everything loaded so far is frozen out of them, and
+    the young generation is collected every GC_THRESHOLD allocations, not every
+    700.  Per message the relay allocates thousands of objects that reference
+    counting frees at once; with the defaults the collector ran many times per
+    message and walked every live object on each older-generation pass.  The 2 KiB
+    per-core benchmark went from ~1.6 to ~1.3 ms CPU per message.  Cycles (e.g.
+    exceptions with tracebacks) are still collected, just in larger batches."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
