@@ -206,6 +206,8 @@ policy:
   default: {{level: encrypt}}
   mta_sts: false
   dane: false
+# one process per CPU it may use: 1 when pinned (percore), 2 on the whole machine
+workers: auto
 """
 
 

@@ -21,6 +21,7 @@ Not: business logic of any step - every decision lives in the module named for i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay import log as relaylog
-from relay import tlsctx
+from relay import tlsctx, workers
 from relay.config import Config
 from relay.delivery import Deliverer
 from relay.gate import Gate
@@ -99,13 +100,23 @@ class App:
         event(log, "relay_stopped")
 
 
-def build(cfg: Config) -> App:
-    """Create every part from *cfg*; nothing listens until :meth:`App.start`."""
+def build(cfg: Config, worker: workers.Worker | None = None) -> App:
+    """Create every part from *cfg*; nothing listens until :meth:`App.start`.
+    As one of several workers: that worker's share of the connection caps, its
+    shard of the queue, the listening sockets the supervisor bound."""
     spool = Spool(cfg.spool.path)
     spool.setup()
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
     context = tlsctx.server_context(cfg.tls)
-    gate = Gate(cfg.limits, cfg.clients.networks)  # caps are per process, not per listener
+    limits = cfg.limits
+    if worker is not None:
+        share = worker.count
+        limits = dataclasses.replace(
+            limits,
+            max_connections=-(-limits.max_connections // share),
+            max_connections_per_ip=-(-limits.max_connections_per_ip // share),
+        )
+    gate = Gate(limits, cfg.clients.networks)  # caps are per process, not per listener
     metrics = Metrics()
     resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
     deliverer = Deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics=metrics)
@@ -116,6 +127,7 @@ def build(cfg: Config) -> App:
         cfg.hostname,
         concurrency=cfg.delivery.concurrency,
         metrics=metrics,
+        shard=(worker.index, worker.count) if worker is not None else (0, 1),
     )
     app = App(
         cfg=cfg,
@@ -126,9 +138,12 @@ def build(cfg: Config) -> App:
         scheduler=scheduler,
         metrics=metrics,
     )
+    sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
     app.listeners = [
-        Listener(cfg, spec, spool, users, app.on_queued, context, gate=gate, metrics=metrics)
-        for spec in cfg.listeners
+        Listener(
+            cfg, spec, spool, users, app.on_queued, context, gate=gate, metrics=metrics, sock=sock
+        )
+        for spec, sock in zip(cfg.listeners, sockets, strict=True)
     ]
     metrics.connections_active.track(lambda: gate.connections)
     metrics.queue_messages.track(lambda: scheduler.queued)
@@ -156,11 +171,20 @@ async def run(app: App) -> int:
 
 
 def serve(cfg: Config) -> int:
-    """``tls-relay serve``: run until SIGTERM/SIGINT, exit 0 after a clean stop."""
+    """``tls-relay serve``: run until SIGTERM/SIGINT, exit 0 after a clean stop.
+    With ``workers`` above 1, relay.workers forks that many of :func:`serve_worker`."""
     relaylog.setup(cfg.log_level)
+    count = workers.resolve(cfg)
+    if count > 1:
+        return workers.supervise(cfg, count, serve_worker)
+    return serve_worker(cfg, None)
+
+
+def serve_worker(cfg: Config, worker: workers.Worker | None) -> int:
+    """One relay process: the whole relay, or one of several (*worker*)."""
     tune_gc()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run(build(cfg)))
+        return runner.run(run(build(cfg, worker)))
 
 
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)

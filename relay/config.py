@@ -187,6 +187,7 @@ class Config:
     policy: PolicyConfig
     metrics: MetricsConfig | None = None
     log_level: str = "INFO"
+    workers: int | None = 1  # serve processes; None = "auto", one per usable CPU
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +450,24 @@ def _log_level(ctx: check.Ctx, raw: Any) -> str:
     return "INFO"
 
 
+MAX_WORKERS = 64
+
+
+def _workers(ctx: check.Ctx, raw: Any, metrics: bool) -> int | None:
+    """``workers``: how many ``serve`` processes share the listeners and the spool."""
+    if raw == "auto":
+        value: int | None = None
+    elif isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= MAX_WORKERS:
+        value = raw
+    else:
+        ctx.add("workers", f'must be "auto" or a whole number from 1 to {MAX_WORKERS}', raw)
+        return 1
+    if value != 1 and metrics:
+        # Each process counts only its own traffic: a scrape would see a part of it.
+        ctx.add("workers", "must be 1 when metrics are enabled (counters are per process)", raw)
+    return value
+
+
 # --- entry points -----------------------------------------------------------
 
 _TOP_KEYS = (
@@ -463,6 +482,7 @@ _TOP_KEYS = (
     "policy",
     "metrics",
     "log_level",
+    "workers",
 )
 
 
@@ -499,6 +519,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
     policy = configpolicy.section(ctx, data["policy"]) if "policy" in data else PolicyConfig()
     metrics = _metrics(ctx, data["metrics"]) if "metrics" in data else None
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
+    workers = _workers(ctx, data["workers"], metrics is not None) if "workers" in data else 1
     if tls is None or spool is None or not listeners:
         return None
     return Config(
@@ -514,6 +535,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
         policy=policy,
         metrics=metrics,
         log_level=log_level,
+        workers=workers,
     )
 
 
@@ -551,6 +573,7 @@ def summary(cfg: Config) -> str:
         f"tls: {cfg.tls.cert} (minimum {cfg.tls.min_version.name.replace('_', '.')})",
         f"clients: {nets} network{'s' if nets != 1 else ''} may relay; users file {users_file}",
         f"spool: {cfg.spool.path}",
+        "workers: " + ("auto (one per usable CPU)" if cfg.workers is None else str(cfg.workers)),
         "queue: retry "
         + ", ".join(units.format_duration(r) for r in queue.retry)
         + f"; give up after {units.format_duration(queue.max_lifetime)}",

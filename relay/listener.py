@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -162,8 +163,10 @@ class Listener:
         *,
         gate: Gate | None = None,
         metrics: Metrics | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.config = listener
+        self._sock = sock  # bound by relay.workers' supervisor, shared by the workers
         metrics = metrics or Metrics()
         self._intake = Intake(cfg, spool, on_queued, metrics)
         self._settings = SessionSettings(
@@ -195,14 +198,22 @@ class Listener:
         loop = asyncio.get_running_loop()
         implicit = self._settings.implicit_tls
         try:
-            self._server = await loop.create_server(
-                self._protocol,
-                host=self.config.host,
-                port=self.config.port,
-                ssl=self._settings.ssl_context if implicit else None,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
-                reuse_address=True,
-            )
+            if self._sock is not None:
+                self._server = await loop.create_server(
+                    self._protocol,
+                    sock=self._sock,
+                    ssl=self._settings.ssl_context if implicit else None,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
+                )
+            else:
+                self._server = await loop.create_server(
+                    self._protocol,
+                    host=self.config.host,
+                    port=self.config.port,
+                    ssl=self._settings.ssl_context if implicit else None,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
+                    reuse_address=True,
+                )
         except OSError as exc:
             raise RelayError(f"cannot listen on {self.config.address}: {exc}") from exc
         event(log, "listener_start", address=self.config.address, tls=self.config.tls.value)

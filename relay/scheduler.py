@@ -34,6 +34,7 @@ from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolErro
 from relay.log import event
 from relay.metrics import Metrics
 from relay.spool import Attempt, Envelope, RcptState, Recipient, Spool
+from relay.workers import shard_of
 
 log = logging.getLogger("relay.scheduler")
 
@@ -84,7 +85,11 @@ class Scheduler:
         rand: random.Random | None = None,
         concurrency: int = 200,
         metrics: Metrics | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        # One of several worker processes (relay.workers): the supervisor recovered
+        # the spool; rescans take only this shard's messages; own control socket.
+        self.shard = shard
         self.spool = spool
         self.metrics = metrics or Metrics()
         self.deliverer = deliverer
@@ -137,8 +142,9 @@ class Scheduler:
 
     async def start(self) -> None:
         """Recover the spool, load every queued message, listen for kicks, run."""
-        for line in await asyncio.to_thread(self.spool.recover):
-            event(log, "recovered", action=line)
+        if self.shard[1] == 1:  # with several workers the supervisor did it, once
+            for line in await asyncio.to_thread(self.spool.recover):
+                event(log, "recovered", action=line)
         await self.rescan()
         await self._open_control()
         loop = asyncio.get_running_loop()
@@ -235,7 +241,10 @@ class Scheduler:
     def _scan_disk(self, known: dict[str, int]) -> dict[str, tuple[float, int]]:
         """(In a thread.) Due time and change stamp of each queued message that changed."""
         found: dict[str, tuple[float, int]] = {}
+        index, count = self.shard
         for qid in self.spool.ids():
+            if count > 1 and shard_of(qid, count) != index:
+                continue  # another worker's
             try:
                 mtime = self.spool.stamp(qid)
                 if known.get(qid) == mtime:
@@ -446,7 +455,7 @@ class Scheduler:
 
     # -- control socket -----------------------------------------------------------
     async def _open_control(self) -> None:
-        path = self.spool.control_path
+        path = self.spool.control_socket(self.shard[0])
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             if path.is_socket():
@@ -473,7 +482,7 @@ class Scheduler:
             self._control.close()
             self._control = None
             with contextlib.suppress(OSError):
-                self.spool.control_path.unlink()
+                self.spool.control_socket(self.shard[0]).unlink()
 
 
 class _Control(asyncio.DatagramProtocol):

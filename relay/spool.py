@@ -55,6 +55,8 @@ LOOP_WRITE_MAX = 256 * 1024  # store_async: bigger messages are written by a wor
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
+# Forked workers (relay.workers) must not share one sequence of ids.
+os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
 
 
 class RcptState(enum.StrEnum):
@@ -444,14 +446,23 @@ class Spool:
         event(log, "spool_quarantine", level=logging.WARNING, queue_id=qid, reason=reason)
 
     # -- control channel ---------------------------------------------------------------
+    def control_socket(self, worker: int = 0) -> Path:
+        """Where `serve` (worker 0, or the only process) or worker *n* listens for kicks."""
+        return self.control_path if worker == 0 else self.root / f"control.{worker}.sock"
+
     def kick(self) -> bool:
-        """Ask a running `serve` to rescan the queue now.  False if none listens."""
+        """Ask a running `serve` (every worker) to rescan the queue now.  False if
+        nobody listens."""
+        paths = [self.control_path, *sorted(self.root.glob("control.*.sock"))]
+        reached = False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(b"kick", str(self.control_path))
-            except OSError:
-                return False
-        return True
+            for path in paths:
+                try:
+                    sock.sendto(b"kick", str(path))
+                    reached = True
+                except OSError:
+                    continue
+        return reached
 
 
 def _read_head(fh: BinaryIO, qid: str) -> bytes:

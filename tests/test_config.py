@@ -273,10 +273,22 @@ def test_summary(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:
         "policy: default encrypt (TLSv1.2), 1 domain (inline)",
         "route: p.test via [mx.p.test]:2525 (starttls)",
         "MTA-STS and DANE lookups are not implemented yet",
+        "workers: 1",
     ):
         assert fragment in text
     quiet = load_with(tmp_path, server_cert, policy={"mta_sts": False, "dane": False})
     assert "not implemented" not in config.summary(quiet)
+
+
+@pytest.mark.parametrize(("raw", "workers"), [(1, 1), (4, 4), ("auto", None)])
+def test_workers(
+    tmp_path: Path, server_cert: tuple[Path, Path], raw: object, workers: int | None
+) -> None:
+    cfg = load_with(tmp_path, server_cert, workers=raw)
+    assert cfg.workers == workers
+    assert ("auto (one per usable CPU)" if workers is None else f"workers: {workers}") in (
+        config.summary(cfg)
+    )
 
 
 def test_bundled_config_is_valid(tmp_path: Path) -> None:
