@@ -187,7 +187,7 @@ def serve_worker(cfg: Config, worker: workers.Worker | None) -> int:
         return runner.run(run(build(cfg, worker)))
 
 
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
+GC_THRESHOLD = 200_000  # allocations between young-generation collections (default 700)
 
 
 def tune_gc() -> None:

@@ -121,7 +121,7 @@ class Intake:
     async def _store(self, spooled: Envelope, data: bytes) -> None:
         # Shielded: once the write started it finishes even if the client disconnects,
         # and a message that reached the disk is always announced to the scheduler.
-        task = asyncio.ensure_future(self._spool.store_async(spooled, data))
+        task = self._spool.store_soon(spooled, data)
         self.storing.add(task)
         task.add_done_callback(lambda done: self._stored(done, spooled))
         await asyncio.shield(task)

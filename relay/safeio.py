@@ -150,11 +150,15 @@ class Committer:
         self._start_lock = threading.Lock()
 
     async def commit(self, fd: int, tmp: str, target: str) -> None:
+        await self.submit(fd, tmp, target)
+
+    def submit(self, fd: int, tmp: str, target: str) -> asyncio.Future[None]:
+        """:meth:`commit` as a future of the running loop (no task needed)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._start()
         self._jobs.put((fd, tmp, target, loop, done))
-        await done
+        return done
 
     def _start(self) -> None:
         with self._start_lock:

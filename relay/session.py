@@ -129,6 +129,7 @@ class RelaySMTP(SMTP):
         self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
         self._last_user: str | None = None
         self._out: list[bytes] = []  # replies held back for a pipelined group (push)
+        self._deadline = 0.0  # when the session times out (_reset_timeout)
         self._may_hold = False
 
     # -- connection ---------------------------------------------------------------
@@ -176,8 +177,23 @@ class RelaySMTP(SMTP):
         result: bool | None = super().eof_received()
         return result
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms a timer on every command (a cancel and a new heap entry);
+        here the deadline moves and the one timer is re-armed only when it fires
+        early, or when the new deadline is sooner than the armed one."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
         if self.transport is None:
+            return
+        if self.loop.time() < self._deadline:  # activity since: wait for the rest
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         # RFC 5321 4.5.3.2 timeouts; 421 so the client knows why (RFC 5321 3.8).
         self._write_raw(b"421 4.4.2 Timeout, closing connection\r\n")

@@ -169,6 +169,12 @@ def durable_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int
         raise _spool_error(target, exc) from exc
 
 
+def _unlink_quietly(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _spool_error(target: Path | str, exc: OSError) -> SpoolError:
     kind = SpoolFullError if exc.errno in _FULL_ERRNOS else SpoolError
     return kind(f"cannot write {target}: {exc.strerror or exc}")
@@ -270,13 +276,19 @@ class Spool:
         return fresh.envelope, fresh.data
 
     async def store_async(self, envelope: Envelope, data: bytes) -> None:
-        """:meth:`store` for the event loop: durable (fsync'd, renamed, directory
-        fsync'd) when it returns.  A small message is written by the loop itself
-        into the page cache and the Committer thread makes it durable; a large one
-        goes to a worker thread whole, so the loop never copies megabytes."""
+        """:meth:`store` for the event loop: durable when it returns (see store_soon)."""
+        await self.store_soon(envelope, data)
+
+    def store_soon(self, envelope: Envelope, data: bytes) -> asyncio.Future[None]:
+        """Start making a new message durable; the future is done when it is (file
+        fsync'd, renamed into queue/, directory fsync'd), or fails with SpoolError.
+
+        A small message is written by the loop itself into the page cache and the
+        Committer thread makes it durable, batched with others; a large one goes to
+        a worker thread whole, so the loop never copies megabytes."""
         if len(data) > LOOP_WRITE_MAX:
-            await asyncio.to_thread(self.store, envelope, data)
-            return
+            return asyncio.ensure_future(asyncio.to_thread(self.store, envelope, data))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         env_blob = envelope.to_json()
         head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
         target = self._mpath(envelope.id)
@@ -284,19 +296,31 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise _spool_error(target, exc) from exc
+            done.set_exception(_spool_error(target, exc))
+            return done
         try:
             write_all(fd, (head, data))
             stamp = _stamp(os.fstat(fd))
-            await self._committer.commit(fd, tmp, target)
+            commit = self._committer.submit(fd, tmp, target)
         except OSError as exc:
-            for path in (tmp, target):  # it failed before or after the rename
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            raise _spool_error(target, exc) from exc
-        finally:
             os.close(fd)
-        self._remember(envelope, data, stamp)
+            _unlink_quietly(tmp)
+            done.set_exception(_spool_error(target, exc))
+            return done
+
+        def finish(commit: asyncio.Future[None]) -> None:
+            os.close(fd)
+            exc = commit.exception()
+            if exc is None:
+                self._remember(envelope, data, stamp)
+                done.set_result(None)
+                return
+            _unlink_quietly(tmp, target)  # it failed before or after the rename
+            assert isinstance(exc, OSError)
+            done.set_exception(_spool_error(target, exc))
+
+        commit.add_done_callback(finish)
+        return done
 
     def update(self, envelope: Envelope) -> None:
         """Durably replace the envelope (the message file itself never changes)."""

@@ -204,8 +204,10 @@ class FailingSpool(Spool):
     def store(self, envelope: Envelope, data: object) -> None:
         raise self.error
 
-    async def store_async(self, envelope: Envelope, data: bytes) -> None:
-        raise self.error
+    def store_soon(self, envelope: Envelope, data: bytes) -> asyncio.Future[None]:
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(self.error)
+        return failed
 
 
 @pytest.mark.parametrize(
@@ -277,3 +279,24 @@ async def test_stop_while_storing_finishes_the_message(
     replies = await client
     assert replies[3][0] == 250 and replies[4][0] == 421
     assert h.spool.ids() == [replies[3][1].rsplit(" ", 1)[1]]
+
+
+async def test_activity_moves_the_command_timeout(intake: IntakeFactory) -> None:
+    """The timer is re-armed lazily (session._reset_timeout): a client that keeps
+    talking is never cut off, one that goes quiet gets 421 one timeout later."""
+    h = await intake(limits={"command_timeout": 0.6})
+
+    def run() -> tuple[list[int], tuple[int, str], float]:
+        with session(HOST, h.starttls_port, h.client_context()) as raw:
+            codes = []
+            for _ in range(4):  # 1.2 s of activity, twice the timeout
+                time.sleep(0.3)
+                codes.append(raw.cmd("NOOP")[0])
+            quiet = time.monotonic()
+            reply = raw.reply()
+            return codes, reply, time.monotonic() - quiet
+
+    codes, reply, waited = await asyncio.to_thread(run)
+    assert codes == [250] * 4
+    assert reply[0] == 421 and "4.4.2" in reply[1]
+    assert 0.4 < waited < 3.0
