@@ -27,6 +27,15 @@ from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
 _tmp_serial = itertools.count()  # next() is atomic under the GIL
+_pid = os.getpid()  # a syscall each time otherwise; forked workers get their own
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _fsync_dir_now(path: Path) -> None:
@@ -97,7 +106,7 @@ def atomic_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int 
     """Write *target* durably and atomically; OSError on failure, no temp file left."""
     folder, name = os.path.split(os.fspath(target))
     # O_EXCL makes the name safe; pid + counter make it unique without a syscall.
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}.{next(_tmp_serial)}")
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
@@ -127,7 +136,7 @@ def write_all(fd: int, chunks: Iterable[bytes]) -> None:
 def temp_name(target: str) -> str:
     """A temp file name next to *target* (recovery removes TMP_PREFIX names)."""
     folder, name = os.path.split(target)
-    return os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}.{next(_tmp_serial)}")
+    return os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
 
 
 _Job = tuple[int, str, str, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
