@@ -95,6 +95,7 @@ class App:
     async def stop(self) -> None:
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
+        self.spool.forget_fresh()  # locks still held for messages never picked up
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         event(log, "relay_stopped")

@@ -247,15 +247,29 @@ class Spool:
             with contextlib.suppress(OSError):
                 self._remember(envelope, data, _stamp(os.stat(path)))
 
-    def _remember(self, envelope: Envelope, data: bytes, stamp: tuple[int, int, int]) -> None:
+    def _remember(
+        self, envelope: Envelope, data: bytes, stamp: tuple[int, int, int], fd: int = -1
+    ) -> None:
         with self._fresh_lock:
-            self._fresh[envelope.id] = _Fresh(stamp, envelope, data)
+            self._fresh[envelope.id] = _Fresh(stamp, envelope, data, fd)
             self._fresh_bytes += len(data)
             while self._fresh and (
                 len(self._fresh) > FRESH_MAX or self._fresh_bytes > FRESH_MAX_BYTES
             ):
                 _, dropped = self._fresh.popitem(last=False)
-                self._fresh_bytes -= len(dropped.data)
+                self._drop(dropped)
+
+    def _drop(self, fresh: _Fresh) -> None:
+        self._fresh_bytes -= len(fresh.data)
+        if fresh.fd >= 0:
+            os.close(fresh.fd)  # releases the lock taken at store time
+            fresh.fd = -1
+
+    def forget_fresh(self) -> None:
+        """Drop every just-stored message from memory and release its lock (stop)."""
+        with self._fresh_lock:
+            while self._fresh:
+                self._drop(self._fresh.popitem()[1])
 
     def take_fresh(self, qid: str) -> tuple[Envelope, bytes] | None:
         """The envelope and data this process stored for *qid*, if nobody (e.g. a
@@ -264,9 +278,11 @@ class Spool:
         with self._fresh_lock:
             fresh = self._fresh.pop(qid, None)
             if fresh is not None:
-                self._fresh_bytes -= len(fresh.data)
+                self._drop(fresh)
         if fresh is None:
             return None
+        if fresh.locked_since_store:  # every writer takes the lock first: unchanged
+            return fresh.envelope, fresh.data
         try:
             stamp = _stamp(os.stat(self._mpath(qid)))
         except OSError:
@@ -301,6 +317,8 @@ class Spool:
         try:
             write_all(fd, (head, data))
             stamp = _stamp(os.fstat(fd))
+            # Locked from the start and handed to the scheduler's first pass (lock()).
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             commit = self._committer.submit(fd, tmp, target)
         except OSError as exc:
             os.close(fd)
@@ -309,12 +327,12 @@ class Spool:
             return done
 
         def finish(commit: asyncio.Future[None]) -> None:
-            os.close(fd)
             exc = commit.exception()
             if exc is None:
-                self._remember(envelope, data, stamp)
+                self._remember(envelope, data, stamp, fd)  # fd (and lock) live on there
                 done.set_result(None)
                 return
+            os.close(fd)
             _unlink_quietly(tmp, target)  # it failed before or after the rename
             assert isinstance(exc, OSError)
             done.set_exception(_spool_error(target, exc))
@@ -398,9 +416,20 @@ class Spool:
 
         ``wait=False`` raises MessageBusy when another process holds it.
         """
+        # A message this process just stored is still locked from store_soon.
+        with self._fresh_lock:
+            fresh = self._fresh.get(qid)
+            fd = fresh.fd if fresh is not None else -1
+            if fresh is not None and fd >= 0:
+                fresh.fd, fresh.locked_since_store = -1, True
+        if fd >= 0:
+            try:
+                yield
+            finally:
+                os.close(fd)
+            return
         # The message file is the lock target: never replaced while the message
         # exists (hold/release rename it, which keeps the inode and the lock).
-        fd = -1
         for held in (False, True):
             with contextlib.suppress(FileNotFoundError):
                 fd = os.open(self._mpath(qid, held), os.O_RDONLY)
@@ -509,6 +538,8 @@ class _Fresh:
     stamp: tuple[int, int, int]
     envelope: Envelope
     data: bytes
+    fd: int = -1  # the message file, flock'd since it was written; -1 once handed on
+    locked_since_store: bool = False  # lock() used fd: nobody can have changed it
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:

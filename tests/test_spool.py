@@ -274,3 +274,50 @@ async def test_committer_failure_is_raised_and_nothing_is_renamed(tmp_path: Path
     with pytest.raises(OSError):
         await Committer().commit(fd, str(tmp), str(target))
     assert tmp.exists() and not target.exists()
+
+
+async def test_a_just_stored_message_stays_locked_until_its_first_pass(spool: Spool) -> None:
+    """store_soon keeps the message file flock'd and lock() hands that lock on: a
+    `queue` command (another process) finds it busy instead of racing the first pass."""
+    env = make_env(spool, "a@x.test")
+    await spool.store_soon(env, b"data")
+    holder = subprocess.run(
+        [sys.executable, "-c", PROBE_LOCK, str(spool.root), env.id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert holder.stdout.strip() == "busy", holder.stderr
+    with spool.lock(env.id):
+        got = spool.take_fresh(env.id)
+        assert got is not None and got[0] is env  # no stat checks needed: it was locked
+    again = subprocess.run(
+        [sys.executable, "-c", PROBE_LOCK, str(spool.root), env.id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert again.stdout.strip() == "free", again.stderr
+
+
+async def test_forget_fresh_releases_the_locks(spool: Spool) -> None:
+    env = make_env(spool, "a@x.test")
+    await spool.store_soon(env, b"data")
+    spool.forget_fresh()
+    with spool.lock(env.id):  # a fresh open + flock works in this process too
+        assert spool.take_fresh(env.id) is None
+
+
+PROBE_LOCK = """
+import sys
+from pathlib import Path
+from relay.errors import MessageBusy
+from relay.spool import Spool
+try:
+    with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
+        print("free")
+except MessageBusy:
+    print("busy")
+"""
