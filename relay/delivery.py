@@ -81,13 +81,12 @@ class _Pool:
         self.max_idle = max(1, max_idle)
         self._idle: dict[PoolKey, list[Session]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def take(self, key: PoolKey) -> Session | None:
         sessions = self._idle.get(key)
         while sessions:
             session = sessions.pop()
-            if session.expiry is not None:
-                session.expiry.cancel()
             if session.smtp.is_connected:
                 return session
             session.smtp.close()
@@ -99,20 +98,35 @@ class _Pool:
         if len(sessions) >= self.max_idle:
             self._retire(key, sessions[0])
         loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(IDLE_TIMEOUT, self._retire, key, session)
+        session.idle_since = loop.time()
         sessions.append(session)
+        if self._sweeper is None:  # one timer for the pool, not one per put
+            self._sweeper = loop.call_later(IDLE_TIMEOUT, self._sweep)
+
+    def _sweep(self) -> None:
+        """Retire sessions idle for IDLE_TIMEOUT; look again while any are pooled."""
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        for key, sessions in list(self._idle.items()):
+            for session in [s for s in sessions if now - s.idle_since >= IDLE_TIMEOUT]:
+                self._retire(key, session)
+        if any(self._idle.values()):
+            oldest = min(s.idle_since for sessions in self._idle.values() for s in sessions)
+            delay = max(0.1, oldest + IDLE_TIMEOUT - now)
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def _retire(self, key: PoolKey, session: Session) -> None:
         sessions = self._idle.get(key, [])
         if session in sessions:
             sessions.remove(session)
-        if session.expiry is not None:
-            session.expiry.cancel()
         task = asyncio.get_running_loop().create_task(polite_quit(session.smtp, QUIT_TIMEOUT))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for key, sessions in list(self._idle.items()):
             for session in list(sessions):
                 self._retire(key, session)

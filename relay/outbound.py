@@ -78,7 +78,7 @@ class Session:
     target: Target
     observed: Observed
     messages: int = 0
-    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    idle_since: float = 0.0  # loop time it went back to the pool
 
     @property
     def tls(self) -> str:

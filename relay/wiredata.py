@@ -145,12 +145,17 @@ class _Collector(asyncio.Protocol):
         while not self.replies:
             if self.error is not None:
                 raise self.error
-            self.waiter = loop.create_future()
+            waiter = self.waiter = loop.create_future()
+            timer = loop.call_at(deadline, self._expire, waiter)  # cheaper than wait_for
             try:
-                await asyncio.wait_for(self.waiter, max(0.0, deadline - loop.time()))
-            except TimeoutError as exc:
-                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+                await waiter
+            finally:
+                timer.cancel()
         return self.replies.popleft()
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(SMTPReadTimeoutError("Timed out waiting for server response"))
 
 
 def _split_reply(buffer: bytearray) -> SMTPResponse | None:

@@ -647,3 +647,41 @@ async def test_envelope_and_data_replies(
     code = (reply if isinstance(reply, str) else next(iter(reply.values())))[:3]
     assert all(f'"{code} ' in o.reason for o in outcomes), outcomes
     assert len(peer.messages) == delivered_to_peer
+
+
+async def test_idle_pooled_session_is_quit_after_the_idle_timeout(
+    ca: trustme.CA, ca_file: Path, peers: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sweeper timer for the pool retires sessions idle for IDLE_TIMEOUT."""
+    from relay import delivery
+
+    monkeypatch.setattr(delivery, "IDLE_TIMEOUT", 0.3)
+    peer = await _tls_peer(peers, ca, extensions=extensions(True))
+    resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
+    d = Deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver)
+    try:
+        out = await d.deliver(
+            "Q1", "app@src.test", (), "example.test", [("a@example.test", ())], MESSAGE
+        )
+        assert out[0].status is Status.DELIVERED
+        assert "QUIT" not in peer.verbs()  # pooled, not closed
+        for _ in range(50):  # bounded: 5 s
+            if "QUIT" in peer.verbs():
+                break
+            await asyncio.sleep(0.1)
+        assert peer.verbs()[-1] == "QUIT"
+    finally:
+        await d.close()
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_reply_timeout_in_the_transaction(
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool
+) -> None:
+    peer = await _tls_peer(peers, ca, extensions=extensions(pipelining), mail_delay=2.0)
+    resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
+    cfg = make_cfg(peer.port, ca_file, command_timeout=0.3, attempt_deadline=10)
+    outcomes = await send(Deliverer(cfg, policy(), "relay.test", resolver), ["a@example.test"])
+    assert outcomes[0].status is Status.TRANSIENT
+    assert "Timed out waiting for server response" in outcomes[0].reason, outcomes[0].reason
+    assert peer.messages == []
