@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import BOGUS_LIMIT, SMTP, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import addresses, replies, smtpauth, smtpdata
@@ -229,6 +229,80 @@ class RelaySMTP(SMTP):
             tls_cipher=cipher,
             listener=self.settings.listener_name,
         )
+
+    # -- the command loop ------------------------------------------------------------------
+    async def _handle_client(self) -> None:
+        """aiosmtpd's command loop, minus what this relay never enables (PROXY
+        protocol, per-command call limits, require_starttls, a STARTTLS hook) and
+        minus its two log calls per command line, which ran a regex over every
+        line even with its logger silenced.  Replies and limits are aiosmtpd's.
+        """
+        assert self.session is not None and not self._enforce_call_limit
+        assert self._proxy_timeout is None and self.enable_SMTPUTF8
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus_budget = BOGUS_LIMIT
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await self._reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    await self._discard_long_line(error.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                verb, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = verb.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                limit = (
+                    self.command_size_limits[command]
+                    if self.session.extended_smtp
+                    else self.command_size_limit
+                )
+                if len(line) > limit:
+                    await self.push("500 Command line too long")
+                    continue
+                method = self._smtp_methods.get(command)
+                if method is None:
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()
+                await method(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception as error:  # as aiosmtpd: the handler words the reply
+                if isinstance(error, TLSSetupException):
+                    self.transport.close()
+                    self.connection_lost(error)
+                    continue
+                try:
+                    status = await self.handle_exception(error)
+                except Exception:
+                    log.exception("handle_exception failed")
+                    status = "500 Error: Cannot describe error"
+                await self.push(status)
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        """Read past a command line over the stream limit (aiosmtpd does the same)."""
+        await self._reader.read(consumed)
+        for _ in range(1 << 20):  # bounded: the stream limit times this is far beyond sane
+            try:
+                await self._reader.readuntil()
+                return
+            except asyncio.LimitOverrunError as again:
+                await self._reader.read(again.consumed)
 
     # -- replies and the command guard -------------------------------------------------
     async def push(self, status: AnyStr) -> None:

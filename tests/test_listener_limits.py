@@ -300,3 +300,27 @@ async def test_activity_moves_the_command_timeout(intake: IntakeFactory) -> None
     assert codes == [250] * 4
     assert reply[0] == 421 and "4.4.2" in reply[1]
     assert 0.4 < waited < 3.0
+
+
+async def test_command_loop_errors(intake: IntakeFactory) -> None:
+    """The command loop's own replies (session._handle_client, as aiosmtpd's)."""
+    h = await intake()
+
+    def run() -> list[tuple[int, str]]:
+        with session(HOST, h.starttls_port, h.client_context()) as raw:
+            got = [raw.cmd(b"")]  # empty line
+            got.append(raw.cmd(b"\xffOO bar"))  # verb not ASCII
+            got.append(raw.cmd("NOOP " + "x" * 600))  # over 512 octets
+            got.append(raw.cmd(b"NOOP " + b"y" * 5000))  # over the stream's line limit
+            got.append(raw.cmd("NOOP"))  # still in step after all that
+            got += [raw.cmd(f"FOO{n}") for n in range(5)]  # the fifth ends the session
+            return got
+
+    got = await asyncio.to_thread(run)
+    assert got[0] == (500, "5.5.2 Error: bad syntax")
+    assert got[1] == (500, "5.5.2 Error: bad syntax")
+    assert got[2] == (500, "5.5.2 Command line too long")
+    assert got[3] == (500, "5.5.2 Command line too long")
+    assert got[4][0] == 250
+    assert got[5:9] == [(500, f'Error: command "FOO{n}" not recognized') for n in range(4)]
+    assert got[9] == (502, "5.5.1 Too many unrecognized commands, goodbye.")
