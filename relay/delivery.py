@@ -298,19 +298,7 @@ class Deliverer:
         attempt.target = target
         got = await self._session(key, target, req, ctx, ctx_key[0], attempt.trace)
         if isinstance(got, Failure):
-            attempt.reasons.append(got.reason)
-            if got.verdict is not None and not got.verdict.ok:  # TLS/policy, not connect trouble
-                self.metrics.tls_failures.inc()
-            self._log(
-                attempt,
-                pending,
-                Status.TRANSIENT,
-                got.reason,
-                target,
-                req,
-                got.observed,
-                got.verdict,
-            )
+            self._no_session(attempt, pending, got, target, req)
             return
         session, verdict, reused = got
         env = Envelope(sender, mail_options, [attempt.recipients[i] for i in pending], data)
@@ -326,17 +314,7 @@ class Deliverer:
             await polite_quit(session.smtp, QUIT_TIMEOUT)
             got = await self._session(key, target, req, ctx, ctx_key[0], attempt.trace)
             if isinstance(got, Failure):
-                attempt.reasons.append(got.reason)
-                self._log(
-                    attempt,
-                    pending,
-                    Status.TRANSIENT,
-                    got.reason,
-                    target,
-                    req,
-                    got.observed,
-                    got.verdict,
-                )
+                self._no_session(attempt, pending, got, target, req)
                 return
             session, verdict, reused = got
         session.messages += 1
@@ -344,6 +322,29 @@ class Deliverer:
         for (status, reason), indexes in groups.items():
             self._log(attempt, indexes, status, reason, target, req, session.observed, verdict)
         await self._release(key, session, result.reusable and result.session_error is None)
+
+    def _no_session(
+        self,
+        attempt: _Attempt,
+        pending: list[int],
+        failure: Failure,
+        target: Target,
+        req: Requirement,
+    ) -> None:
+        """No usable session to *target*: the recipients may try the next MX."""
+        attempt.reasons.append(failure.reason)
+        if failure.verdict is not None and not failure.verdict.ok:  # TLS/policy, not connect
+            self.metrics.tls_failures.inc()
+        self._log(
+            attempt,
+            pending,
+            Status.TRANSIENT,
+            failure.reason,
+            target,
+            req,
+            failure.observed,
+            failure.verdict,
+        )
 
     async def _session(
         self,

@@ -281,25 +281,11 @@ async def test_a_just_stored_message_stays_locked_until_its_first_pass(spool: Sp
     `queue` command (another process) finds it busy instead of racing the first pass."""
     env = make_env(spool, "a@x.test")
     await spool.store_soon(env, b"data")
-    holder = subprocess.run(
-        [sys.executable, "-c", PROBE_LOCK, str(spool.root), env.id],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert holder.stdout.strip() == "busy", holder.stderr
+    assert probe_lock(spool, env.id) == "busy"
     with spool.lock(env.id):
         got = spool.take_fresh(env.id)
         assert got is not None and got[0] is env  # no stat checks needed: it was locked
-    again = subprocess.run(
-        [sys.executable, "-c", PROBE_LOCK, str(spool.root), env.id],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert again.stdout.strip() == "free", again.stderr
+    assert probe_lock(spool, env.id) == "free"
 
 
 async def test_forget_fresh_releases_the_locks(spool: Spool) -> None:
@@ -321,3 +307,16 @@ try:
 except MessageBusy:
     print("busy")
 """
+
+
+def probe_lock(spool: Spool, qid: str) -> str:
+    """Try the message's lock from another process: "busy" or "free"."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_LOCK, str(spool.root), qid],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
