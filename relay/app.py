@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import logging
 import os
-import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,8 +43,6 @@ from relay.spool import Spool
 from relay.users import UserDb
 
 log = logging.getLogger("relay.app")
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -158,7 +155,7 @@ async def run(app: App) -> int:
     """Start *app*, wait for SIGTERM/SIGINT, stop it; the exit code."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in STOP_SIGNALS:
+    for sig in workers.STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await app.start()
@@ -166,7 +163,7 @@ async def run(app: App) -> int:
         event(log, "relay_stopping", reason="signal")
         await app.stop()
     finally:
-        for sig in STOP_SIGNALS:
+        for sig in workers.STOP_SIGNALS:
             loop.remove_signal_handler(sig)
     return 0
 

@@ -5,7 +5,7 @@ listening socket (plaintext greeting + STARTTLS, or TLS from the first byte), th
 set of live sessions (:mod:`relay.session`), and :class:`Intake`, the handler that
 turns a finished DATA into a spooled message: reject bare CR/LF/NUL
 (:mod:`relay.message`), add Received / Message-ID / Date, build the envelope,
-``Spool.store_async`` (durable: fsync'd before it returns) and only then answer
+``Spool.store_soon`` (durable when its future is done) and only then answer
 ``250 2.0.0 Ok: queued as <ID>``.  After that it calls ``on_queued(qid)`` so the
 scheduler can start on the message.
 
@@ -198,22 +198,17 @@ class Listener:
         loop = asyncio.get_running_loop()
         implicit = self._settings.implicit_tls
         try:
-            if self._sock is not None:
-                self._server = await loop.create_server(
-                    self._protocol,
-                    sock=self._sock,
-                    ssl=self._settings.ssl_context if implicit else None,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
-                )
-            else:
-                self._server = await loop.create_server(
-                    self._protocol,
-                    host=self.config.host,
-                    port=self.config.port,
-                    ssl=self._settings.ssl_context if implicit else None,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
-                    reuse_address=True,
-                )
+            where: dict[str, Any] = (
+                {"sock": self._sock}
+                if self._sock is not None  # bound once by the workers' supervisor
+                else {"host": self.config.host, "port": self.config.port, "reuse_address": True}
+            )
+            self._server = await loop.create_server(
+                self._protocol,
+                ssl=self._settings.ssl_context if implicit else None,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
+                **where,
+            )
         except OSError as exc:
             raise RelayError(f"cannot listen on {self.config.address}: {exc}") from exc
         event(log, "listener_start", address=self.config.address, tls=self.config.tls.value)

@@ -125,6 +125,11 @@ def classify(code: int) -> Status:
     return Status.PERMANENT if 500 <= code < 600 else Status.TRANSIENT
 
 
+def decision_for(code: int, message: str, target: Target) -> Decision:
+    """What an MX reply decides for the recipients it applies to."""
+    return Decision(classify(code), reply_text(code, message, target), raw_reply(code, message))
+
+
 # ---- opening a session -----------------------------------------------------------------
 
 
@@ -447,29 +452,24 @@ async def _pipelined(
         return
     accepted: list[int] = []
     for i, reply in zip(sent, rcpts, strict=False):
-        reason = reply_text(reply.code, reply.message, target)
+        decision = decision_for(reply.code, reply.message, target)
         if reply.code == 421:
             smtp.close()
-            result.session_error = reason  # the MX is closing: the rest may try the next MX
+            result.session_error = decision.reason  # the MX is closing: try the next MX
             return
         if reply.code in (250, 251):
             accepted.append(i)
         else:
-            result.decided[i] = Decision(
-                classify(reply.code), reason, raw_reply(reply.code, reply.message)
-            )
+            result.decided[i] = decision
     if not data:  # the connection broke before every reply came: nothing was sent
         result.session_error = lost
         return
     if data[0].code != 354:
-        reason = reply_text(data[0].code, data[0].message, target)
+        decision = decision_for(data[0].code, data[0].message, target)
         if data[0].code == 421 and accepted:
             smtp.close()
-            result.session_error = reason
+            result.session_error = decision.reason
             return
-        decision = Decision(
-            classify(data[0].code), reason, raw_reply(data[0].code, data[0].message)
-        )
         for i in accepted:
             result.decided[i] = decision
         result.reusable = smtp.is_connected
@@ -493,13 +493,11 @@ async def _recipients(
             trace.stage = f"RCPT TO at {target.label}"
             await smtp.rcpt(address, options=_rcpt_options(options, smtp), encoding=encoding)
         except SMTPResponseException as exc:
-            reason = reply_text(exc.code, exc.message, target)
+            decision = decision_for(exc.code, exc.message, target)
             if exc.code == 421 or not smtp.is_connected:
-                result.session_error = reason  # the MX closed: the rest may try the next MX
+                result.session_error = decision.reason  # the MX closed: try the next MX
                 return accepted
-            result.decided[i] = Decision(
-                classify(exc.code), reason, raw_reply(exc.code, exc.message)
-            )
+            result.decided[i] = decision
             continue
         except ValueError as exc:
             result.decided[i] = Decision(Status.PERMANENT, f"recipient cannot be sent: {exc}")
@@ -529,11 +527,7 @@ async def _data(
         # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
         reply = await send_data(smtp, env.data, 2 * cfg.command_timeout, started=started)
     except SMTPResponseException as exc:
-        decision = Decision(
-            classify(exc.code),
-            reply_text(exc.code, exc.message, target),
-            raw_reply(exc.code, exc.message),
-        )
+        decision = decision_for(exc.code, exc.message, target)
         result.reusable = smtp.is_connected
     except (SMTPException, OSError) as exc:
         # The MX may have taken the message before the connection broke (RFC 1047):

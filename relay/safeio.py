@@ -104,21 +104,16 @@ def fsync_dir(path: Path | str) -> None:
 
 def atomic_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
     """Write *target* durably and atomically; OSError on failure, no temp file left."""
-    folder, name = os.path.split(os.fspath(target))
-    # O_EXCL makes the name safe; pid + counter make it unique without a syscall.
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
+    tmp = temp_name(os.fspath(target))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            write_all(fd, [chunks] if isinstance(chunks, bytes) else chunks)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
-        fsync_dir(folder)
+        fsync_dir(os.path.dirname(tmp))
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -134,7 +129,8 @@ def write_all(fd: int, chunks: Iterable[bytes]) -> None:
 
 
 def temp_name(target: str) -> str:
-    """A temp file name next to *target* (recovery removes TMP_PREFIX names)."""
+    """A temp file name next to *target* (recovery removes TMP_PREFIX names).
+    O_EXCL makes it safe; pid + counter make it unique without a syscall."""
     folder, name = os.path.split(target)
     return os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
 
@@ -145,10 +141,10 @@ _Job = tuple[int, str, str, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 class Committer:
     """Makes files written on the event loop durable, in batches, off the loop.
 
-    ``await commit(fd, tmp, target)``: fsync *fd* (the written temp file), rename
-    *tmp* to *target*, fsync the directory; returns when all of that succeeded,
-    raises the OSError otherwise (the caller removes *tmp*/*target* and closes
-    *fd*).  One daemon thread takes every job queued while it worked on the last
+    ``submit(fd, tmp, target)``: a future of the running loop, done once *fd* (the
+    written temp file) is fsync'd, *tmp* renamed to *target* and the directory
+    fsync'd; it fails with the OSError otherwise (the caller removes *tmp*/*target*
+    and closes *fd*).  One daemon thread takes every job queued while it worked on the last
     batch: on ext4 the first fsync of a batch commits the journal for the rest, so
     the others are cheap, and the batch shares one directory fsync.
     """
@@ -158,11 +154,7 @@ class Committer:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    async def commit(self, fd: int, tmp: str, target: str) -> None:
-        await self.submit(fd, tmp, target)
-
     def submit(self, fd: int, tmp: str, target: str) -> asyncio.Future[None]:
-        """:meth:`commit` as a future of the running loop (no task needed)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._start()

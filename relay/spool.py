@@ -51,7 +51,7 @@ ENVELOPE_VERSION = 1
 MAGIC = b"TLS-RELAY-MESSAGE 1 "  # + envelope length, LF; then envelope, then data
 FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
 FRESH_MAX_BYTES = 64 * 1024 * 1024
-LOOP_WRITE_MAX = 256 * 1024  # store_async: bigger messages are written by a worker thread
+LOOP_WRITE_MAX = 256 * 1024  # store_soon: bigger messages are written by a worker thread
 HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
@@ -222,10 +222,10 @@ class Spool:
         return f"{self._states}/{_checked(qid)}.json"
 
     def message_path(self, qid: str, held: bool = False) -> Path:
-        return (self.hold_dir if held else self.queue_dir) / _checked(qid)
+        return Path(self._mpath(qid, held))
 
     def state_path(self, qid: str) -> Path:
-        return self.state_dir / f"{_checked(qid)}.json"
+        return Path(self._spath(qid))
 
     def _find(self, qid: str) -> tuple[Path, bool]:
         """The message file of *qid* and whether it is held."""
@@ -238,8 +238,7 @@ class Spool:
     # -- writes -----------------------------------------------------------------
     def store(self, envelope: Envelope, data: bytes | Iterable[bytes]) -> None:
         """Make a new message durable: one file, header + envelope + data."""
-        env_blob = envelope.to_json()
-        head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
+        head = _head(envelope)
         chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
         path = self._mpath(envelope.id)
         durable_write(path, chunks)
@@ -291,10 +290,6 @@ class Spool:
             return None
         return fresh.envelope, fresh.data
 
-    async def store_async(self, envelope: Envelope, data: bytes) -> None:
-        """:meth:`store` for the event loop: durable when it returns (see store_soon)."""
-        await self.store_soon(envelope, data)
-
     def store_soon(self, envelope: Envelope, data: bytes) -> asyncio.Future[None]:
         """Start making a new message durable; the future is done when it is (file
         fsync'd, renamed into queue/, directory fsync'd), or fails with SpoolError.
@@ -305,8 +300,7 @@ class Spool:
         if len(data) > LOOP_WRITE_MAX:
             return asyncio.ensure_future(asyncio.to_thread(self.store, envelope, data))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        env_blob = envelope.to_json()
-        head = b"%s%d\n%s" % (MAGIC, len(env_blob), env_blob)
+        head = _head(envelope)
         target = self._mpath(envelope.id)
         tmp = temp_name(target)
         try:
@@ -516,6 +510,12 @@ class Spool:
                 except OSError:
                     continue
         return reached
+
+
+def _head(envelope: Envelope) -> bytes:
+    """A message file's header line and envelope; the data follows (_read_head)."""
+    blob = envelope.to_json()
+    return b"%s%d\n%s" % (MAGIC, len(blob), blob)
 
 
 def _read_head(fh: BinaryIO, qid: str) -> bytes:

@@ -252,11 +252,11 @@ def test_take_fresh_only_while_the_envelope_is_untouched(spool: Spool) -> None:
     assert spool.take_fresh(held.id) is None
 
 
-async def test_store_async_commits_concurrent_messages_in_batches(spool: Spool) -> None:
+async def test_store_soon_commits_concurrent_messages_in_batches(spool: Spool) -> None:
     """The loop writes, the Committer thread fsyncs/renames; every message is whole
     on disk when its await returns, and nothing temporary is left."""
     envs = [make_env(spool, f"r{i}@x.test") for i in range(40)]
-    await asyncio.gather(*(spool.store_async(env, b"data %d" % i) for i, env in enumerate(envs)))
+    await asyncio.gather(*(spool.store_soon(env, b"data %d" % i) for i, env in enumerate(envs)))
     assert spool.ids() == sorted(env.id for env in envs)
     assert not [p for p in spool.queue_dir.iterdir() if p.name.startswith(".")]
     assert spool.read_data(envs[7].id) == b"data 7" and spool.load(envs[7].id) == envs[7]
@@ -272,7 +272,7 @@ async def test_committer_failure_is_raised_and_nothing_is_renamed(tmp_path: Path
     fd = os.open(tmp, os.O_RDONLY)
     os.close(fd)  # fsync on a closed descriptor: EBADF, like a failing disk
     with pytest.raises(OSError):
-        await Committer().commit(fd, str(tmp), str(target))
+        await Committer().submit(fd, str(tmp), str(target))
     assert tmp.exists() and not target.exists()
 
 
