@@ -2,7 +2,7 @@
 
 Role: from a validated :class:`~relay.config.Config`, build the spool, the users
 database, the server TLS context, the shared client gate and one
-:class:`~relay.listener.Listener` per configured listener (:func:`build`); run them
+:class:`~relay.intake.listener.Listener` per configured listener (:func:`build`); run them
 in an asyncio loop until SIGTERM or SIGINT, then stop cleanly (:func:`serve`).
 Shutdown order: listeners first (no new mail; sessions get 421, a message being
 written still gets its 250), then the queue side drains, then the metrics endpoint.
@@ -30,17 +30,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay import log as relaylog
-from relay import tlsctx, workers
-from relay.config import Config
-from relay.delivery import Deliverer
-from relay.gate import Gate
-from relay.listener import Listener
+from relay import workers
+from relay.config import Config, DeliveryConfig, PolicyConfig
+from relay.delivery.deliverer import Deliverer
+from relay.delivery.mx import MxResolver
+from relay.delivery.pool import SessionPool
+from relay.intake import tlscontext
+from relay.intake.gate import Gate
+from relay.intake.listener import Listener
+from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics, MetricsServer
-from relay.mx import MxResolver
-from relay.scheduler import Scheduler
-from relay.spool import Spool
-from relay.users import UserDb
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
+from relay.tlspolicy.contexts import ClientContexts
 
 log = logging.getLogger("relay.app")
 
@@ -92,7 +95,7 @@ class App:
     async def stop(self) -> None:
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
-        self.spool.forget_fresh()  # locks still held for messages never picked up
+        self.spool.fresh.clear()  # locks still held for messages never picked up
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         event(log, "relay_stopped")
@@ -105,7 +108,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     spool = Spool(cfg.spool.path)
     spool.setup()
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
-    context = tlsctx.server_context(cfg.tls)
+    context = tlscontext.server_context(cfg.tls)
     limits = cfg.limits
     if worker is not None:
         share = worker.count
@@ -117,7 +120,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     gate = Gate(limits, cfg.clients.networks)  # caps are per process, not per listener
     metrics = Metrics()
     resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    deliverer = Deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics=metrics)
+    deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics)
     scheduler = Scheduler(
         spool,
         deliverer,
@@ -138,9 +141,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     )
     sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
     app.listeners = [
-        Listener(
-            cfg, spec, spool, users, app.on_queued, context, gate=gate, metrics=metrics, sock=sock
-        )
+        Listener(cfg, spec, spool, users, app.on_queued, context, gate, metrics, sock=sock)
         for spec, sock in zip(cfg.listeners, sockets, strict=True)
     ]
     metrics.connections_active.track(lambda: gate.connections)
@@ -149,6 +150,22 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     if cfg.metrics is not None:  # bind only where configured
         app.metrics_server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port)
     return app
+
+
+def new_deliverer(
+    cfg: DeliveryConfig,
+    policy: PolicyConfig,
+    hostname: str,
+    resolver: MxResolver,
+    metrics: Metrics,
+) -> Deliverer:
+    """The deliverer with its client TLS contexts (built once: loading a CA bundle is
+    costly) and its pool of idle sessions (as many per MX address as may be busy at
+    once, per_domain_concurrency: fewer would close and reopen TLS sessions under
+    steady load)."""
+    contexts = ClientContexts(cfg.ca_file)
+    pool = SessionPool(cfg.per_domain_concurrency)
+    return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics)
 
 
 async def run(app: App) -> int:

@@ -3,7 +3,7 @@
 Role: ``gen_cert`` writes an ECDSA P-256 certificate (SAN = hostname) and its key for a
 lab; ``check_pair`` lists what is wrong with a configured cert/key so the config loader
 can report it; ``fingerprint_sha256`` formats a DER fingerprint the way openssl does.
-Not: building ``ssl.SSLContext`` objects (tlsctx.py), or trusting anything.
+Not: building ``ssl.SSLContext`` objects (relay.intake.tlscontext), or trusting anything.
 """
 
 from __future__ import annotations

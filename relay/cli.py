@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(configmod.summary(cfg))
         return 0
     if cmd == "passwd":
-        from relay import users
+        from relay.intake import users
 
         cfg_users = configmod.load_users_file_path(path)
         users.set_password(cfg_users, args.user, _read_password())
@@ -115,14 +115,14 @@ def run(args: argparse.Namespace) -> int:
 
         return app.serve(cfg)
     if cmd == "policy":
-        from relay import policyreport
+        from relay.tlspolicy import explain
 
-        print(policyreport.report(cfg, args.domain))
+        print(explain.report(cfg, args.domain))
         return 0
     if cmd == "queue":
-        from relay import queuecli
+        from relay.queue import cli as queue_cli
 
-        return queuecli.run(cfg, args)
+        return queue_cli.run(cfg, args)
     raise AssertionError(f"unhandled command {cmd}")
 
 

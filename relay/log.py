@@ -1,7 +1,7 @@
 """Structured log lines: ``event key=value key="value with spaces"``.
 
 One line per event, greppable, stable keys.  Setup of handlers happens once in
-app.py / cli.py; modules only call :func:`event`.
+relay.app / relay.cli; modules only call :func:`event`.
 """
 
 from __future__ import annotations

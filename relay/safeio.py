@@ -11,7 +11,7 @@ loop writes a temp file itself, and one thread does the fsync, the rename and th
 directory fsync for every file queued meanwhile - one thread hop per batch, and
 a few GIL hand-offs per file instead of one per syscall of atomic_write.
 
-Not: knowing what the files mean (spool.py, users.py, certs.py do).
+Not: knowing what the files mean (relay.queue.spool, relay.intake.users, relay.certs do).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Role: with ``workers: N`` (``auto``: one per CPU this process may run on), ``serve``
 recovers the spool once, binds every listener once, then forks N worker processes
 that inherit the listening sockets; the kernel hands each new connection to one of
-them.  Each worker is a whole relay (listeners, scheduler, deliverer; app.py) on the
+them.  Each worker is a whole relay (listeners, scheduler, deliverer; relay.app) on the
 shared spool.  A worker delivers what it accepted; its rescans take the queued
 messages whose id falls in its shard (:func:`shard_of`), so deferred mail has one
 owner.  The per-message flock(2) keeps any two processes - workers or
@@ -19,7 +19,7 @@ relay uses a multi-core machine, as Postfix does with its many processes.
 Connection caps (``limits.max_connections``, ``max_connections_per_ip``) are
 divided among the workers; AUTH failure throttling is per worker.
 
-Not: what a worker does (app.py), or how a message is locked (spool.py).
+Not: what a worker does (relay.app), or how a message is locked (relay.queue.spool).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from relay.config import Config
 from relay.errors import RelayError
 from relay.log import event
-from relay.spool import Spool
+from relay.queue.recovery import recover
+from relay.queue.spool import Spool
 
 log = logging.getLogger("relay.workers")
 
@@ -81,7 +82,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], int]) -> int:
     """Recover, bind, fork *count* workers running *run_worker*; wait; exit status."""
-    for line in Spool(cfg.spool.path).recover():
+    for line in recover(Spool(cfg.spool.path)):
         event(log, "recovered", action=line)
     sockets = tuple(bind(spec.host, spec.port) for spec in cfg.listeners)
     children: dict[int, int] = {}  # pid -> worker index

@@ -1,4 +1,6 @@
-"""Shared pytest fixtures. Peer-specific fixtures live in tests/fixtures/."""
+"""Shared pytest fixtures.  Peer fixtures live in tests/fixtures/ and are registered
+here once (pytest_plugins), so a test names them as arguments and imports only the
+helper types it uses."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+pytest_plugins = [
+    "tests.fixtures.dns",  # dns_server: authoritative DNS on loopback
+    "tests.fixtures.intake",  # intake: in-process listeners on the product's TLS context
+    "tests.fixtures.postfix",  # postfix_mx: Debian's Postfix as the receiving MX
+    "tests.fixtures.relay_proc",  # relay: `tls-relay serve` as a subprocess
+]
 
 
 @pytest.fixture(scope="session")

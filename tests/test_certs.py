@@ -12,9 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay import certs, tlsctx
+from relay import certs
 from relay.config import ServerTls
 from relay.errors import CertificateError
+from relay.intake import tlscontext as tlsctx
 
 
 def _load(path: Path) -> x509.Certificate:

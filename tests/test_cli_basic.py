@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from relay import users
+from relay.intake import users
 
 TLS_RELAY = str(Path(sys.executable).parent / "tls-relay")
 

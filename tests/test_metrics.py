@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from relay.app import new_deliverer
 from relay.config import DeliveryConfig, DomainPolicy, PolicyConfig, QueueConfig
-from relay.delivery import Deliverer, Outcome, Status
+from relay.delivery.mx import MxHost, MxResult, MxStatus
+from relay.delivery.outcome import Outcome, Status
 from relay.metrics import Metrics, MetricsServer, format_value
-from relay.mx import MxHost, MxResult, MxStatus
-from relay.scheduler import Scheduler
-from relay.spool import Envelope, Recipient, Spool
+from relay.queue.envelope import QueueEnvelope, Recipient
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
 from tests.fixtures.badpeers import SmtpPeer
 from tests.fixtures.net import free_port, wait_port
-from tests.fixtures.relay_proc import RelayFactory, relay  # noqa: F401
+from tests.fixtures.relay_proc import RelayFactory
 
 HOST = "127.0.0.1"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -293,7 +295,7 @@ async def test_scheduler_counts_outcomes_and_bounces(tmp_path: Path) -> None:
     sched = Scheduler(spool, fake, QueueConfig(), "relay.test", metrics=m)
     m.queue_messages.track(lambda: sched.queued)
     rcpts = [Recipient(address=a) for a in ("a@x.test", "b@y.test", "c@z.test")]
-    env = Envelope(spool.new_id(), spool.clock(), "app@corp.test", rcpts, size=3)
+    env = QueueEnvelope(spool.new_id(), spool.clock(), "app@corp.test", rcpts, size=3)
     spool.store(env, b"x\r\n")
     await sched.start()
     try:
@@ -327,7 +329,7 @@ async def test_deliverer_counts_tls_failures() -> None:
     await peer.start()
     cfg = DeliveryConfig(port=peer.port, connect_timeout=5, command_timeout=5, attempt_deadline=20)
     m = Metrics()
-    d = Deliverer(cfg, PolicyConfig(default=DomainPolicy()), "relay.test", OneMx(HOST), metrics=m)  # type: ignore[arg-type]
+    d = new_deliverer(cfg, PolicyConfig(default=DomainPolicy()), "relay.test", OneMx(HOST), m)  # type: ignore[arg-type]
     try:
         outcomes = await d.deliver("Q1", "app@src.test", (), "example.test", [("a@x", ())], b"x")
     finally:
@@ -361,7 +363,7 @@ def send_one(port: int, context: ssl.SSLContext) -> None:
 
 
 @pytest.mark.e2e
-def test_serve_exposes_metrics(relay: RelayFactory) -> None:  # noqa: F811
+def test_serve_exposes_metrics(relay: RelayFactory) -> None:
     port = free_port()
     proc = relay(extra_config={"metrics": {"address": f"{HOST}:{port}"}})
     wait_port(HOST, port, timeout=10)

@@ -1,6 +1,6 @@
 """Generic checkers for configuration files: the problem collector and typed field checks.
 
-Role: the building blocks ``relay.config`` and ``relay.configpolicy`` use to validate
+Role: the building blocks ``relay.config.load`` and ``relay.config.policy`` use to validate
 YAML values. :class:`Ctx` collects problems as ``FILE: key.path: problem (got VALUE)``;
 each checker takes a ``Ctx``, the key path and the raw value, records what is wrong
 and returns the parsed value or ``None``. :func:`read_yaml` reads one file, refusing
@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
-import re
 import ssl
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from relay import units
+from relay.config import units
+from relay.domains import is_dns_name
 
 MISSING: Any = object()  # "no value": key absent, file unreadable, nothing to show
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _OLD_TLS = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1"}
 
@@ -138,14 +137,6 @@ def entries(ctx: Ctx, where: str, raw: Any, nonempty: bool = False) -> list[Any]
         ctx.add(where, "must list at least one entry", raw)
         return None
     return raw
-
-
-def is_dns_name(name: str) -> bool:
-    """RFC 1035 section 2.3.1 host name (letters, digits, hyphens), not an IP literal."""
-    name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 253 or name.replace(".", "").isdigit():
-        return False
-    return all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def readable_file(ctx: Ctx, where: str, raw: Any) -> Path | None:

@@ -2,10 +2,10 @@
 
 Role: validate the static outbound TLS policy (default level and minimum TLS version,
 per-domain overrides with extra `match` names, MTA-STS/DANE switches) into a
-:class:`relay.config.PolicyConfig`. Plaintext levels and the unimplemented DANE
+:class:`relay.config.model.PolicyConfig`. Plaintext levels and the unimplemented DANE
 levels are refused with a sentence saying why.
-Not: deciding verdicts at delivery time (``relay.policy``), fetching MTA-STS
-policies or TLSA records, or parsing the rest of relay.yaml (``relay.config``).
+Not: deciding verdicts at delivery time (``relay.tlspolicy.verdict``), fetching MTA-STS
+policies or TLSA records, or parsing the rest of relay.yaml (``relay.config.load``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from relay import configcheck as check
-from relay.config import DomainPolicy, PolicyConfig, TlsLevel
+from relay.config import checks as check
+from relay.config.model import DomainPolicy, PolicyConfig, TlsLevel
+from relay.domains import is_dns_name
 from relay.errors import ConfigError
 
 _LEVELS = {"encrypt": TlsLevel.ENCRYPT, "verify": TlsLevel.VERIFY, "secure": TlsLevel.SECURE}
@@ -67,7 +68,7 @@ def _policy_domains(
     for key, value in raw.items():
         here = check.keyed(where, str(key))
         name = key.lower().rstrip(".") if isinstance(key, str) else ""
-        if not check.is_dns_name(name):
+        if not is_dns_name(name):
             ctx.add(here, "must be a domain name such as example.com", key)
             continue
         if name in result:

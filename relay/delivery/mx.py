@@ -26,8 +26,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from relay.addresses import normalize_domain
 from relay.config import ResolverConfig, Route
+from relay.domains import normalize_domain
 
 
 class MxStatus(enum.Enum):

@@ -15,7 +15,7 @@ bytes that arrive while a parsed reply awaits pickup, so for the group the trans
 is handed to a small collector protocol (``transport.set_protocol``, public API) and
 handed back after the last reply.
 
-Not: deciding what a reply means (outbound.py classifies it).
+Not: deciding what a reply means (relay.delivery.transaction classifies it).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from relay.message import crlf_only
+from relay.mailformat import crlf_only
 
 CRLF = b"\r\n"
 MAX_REPLY_LINE = 8192  # as aiosmtplib
@@ -89,7 +89,7 @@ async def send_data(
 
 def command(verb: bytes, path: str, params: list[str], encoding: str) -> bytes:
     """``MAIL FROM:<path> PARAM ...`` as one CRLF-terminated line.  *path* was
-    validated at intake (relay.addresses) and is sent as it is - aiosmtplib's
+    validated at intake (relay.intake.addresses) and is sent as it is - aiosmtplib's
     quote_address would re-parse it with email.utils.  ValueError for control
     characters (command injection) or an address the encoding cannot carry."""
     line = b" ".join([verb + b"<" + path.encode(encoding) + b">", *(p.encode() for p in params)])

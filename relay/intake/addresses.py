@@ -4,7 +4,7 @@ Role: parse the argument of MAIL and RCPT (:func:`parse_mail`, :func:`parse_rcpt
 split it into path and ESMTP parameters, check the parameters we advertise (SIZE,
 BODY, SMTPUTF8), validate the path (RFC 5321 section 4.1.2 grammar, section 4.5.3.1
 length limits) and return either the normalised result or the
-:class:`~relay.replies.Reply` to refuse it with.  Stricter than the RFC where a
+:class:`~relay.intake.replies.Reply` to refuse it with.  Stricter than the RFC where a
 relay should be:
 
 * source routes (``<@a,@b:user@c>``), ``%`` hacks and ``!`` bang paths are refused,
@@ -27,8 +27,8 @@ import re
 import string
 from dataclasses import dataclass
 
-from relay import replies
-from relay.replies import Reply
+from relay.intake import replies
+from relay.intake.replies import Reply
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1, octets
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2, octets
@@ -40,11 +40,6 @@ _ATEXT = frozenset(string.ascii_letters + string.digits + "#$&'*+-/=?^_`{|}~")
 _LDH = frozenset(string.ascii_letters + string.digits + "-")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")  # RFC 5321 esmtp-keyword
 _HACK_CHARS = frozenset("%!")
-
-
-def normalize_domain(name: str) -> str:
-    """Lower-case, without the trailing root dot (DNS names are case-insensitive, RFC 4343)."""
-    return name.strip().lower().rstrip(".")
 
 
 def _bad(sender: bool, code: int, text: str) -> Reply:

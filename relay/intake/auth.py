@@ -7,7 +7,7 @@ must not stall other sessions), and on failure count it against the client IP an
 answer 535 only after a delay that grows with recent failures (slows guessing).
 
 Not: deciding whether AUTH is allowed (TLS, EHLO, transaction state, the per-IP
-block - session.py does that), nor remembering who authenticated.
+block - relay.intake.session does that), nor remembering who authenticated.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import binascii
 import logging
 from typing import Any, Protocol
 
-from relay import replies
-from relay.gate import Gate, IPAddress
+from relay.intake import replies
+from relay.intake.gate import Gate, IPAddress
+from relay.intake.replies import Reply
+from relay.intake.users import UserDb
 from relay.log import event
-from relay.replies import Reply
-from relay.users import UserDb
 
 log = logging.getLogger("relay.listener")
 

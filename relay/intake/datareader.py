@@ -10,10 +10,11 @@ aiosmtpd reads DATA one line at a time, one coroutine step per line: for a
 benchmark.  Here a whole chunk is searched at once.
 
 Only ``CRLF . CRLF`` ends the data, exactly as in aiosmtpd >= 1.4.5; bare CR, bare
-LF and NUL are refused afterwards by message.py, so no smuggling variant
+LF and NUL are refused afterwards by relay.intake.message, so no smuggling variant
 (``LF . LF``, ``CR . CR``, ``CRLF . LF`` ...) can end a message early or hide a second one.
 
-Not: checking message content (message.py) or replying to the client (session.py).
+Not: checking message content (relay.intake.message) or replying to the client
+(relay.intake.session).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ sliding window.  Client addresses are normalised first: an IPv4-mapped IPv6
 address (``::ffff:127.0.0.1``, seen on dual-stack sockets) counts as its IPv4
 address, so caps and networks apply the same either way.
 
-Not: sockets or replies (session.py sends them), and no clock reads except
+Not: sockets or replies (relay.intake.session sends them), and no clock reads except
 through the injected ``clock``.
 """
 

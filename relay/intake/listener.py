@@ -2,9 +2,9 @@
 
 Role: one :class:`Listener` per configured ``listeners`` entry.  It owns the
 listening socket (plaintext greeting + STARTTLS, or TLS from the first byte), the
-set of live sessions (:mod:`relay.session`), and :class:`Intake`, the handler that
+set of live sessions (:mod:`relay.intake.session`), and :class:`Intake`, the handler that
 turns a finished DATA into a spooled message: reject bare CR/LF/NUL
-(:mod:`relay.message`), add Received / Message-ID / Date, build the envelope,
+(:mod:`relay.intake.message`), add Received / Message-ID / Date, build the envelope,
 ``Spool.store_soon`` (durable when its future is done) and only then answer
 ``250 2.0.0 Ok: queued as <ID>``.  After that it calls ``on_queued(qid)`` so the
 scheduler can start on the message.
@@ -22,14 +22,16 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from relay import config, message, replies
+from relay import config
 from relay.errors import RelayError, SpoolError, SpoolFullError
-from relay.gate import Gate
+from relay.intake import message, replies
+from relay.intake.gate import Gate
+from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
+from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics
-from relay.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
-from relay.spool import Envelope, Recipient, Spool
-from relay.users import UserDb
+from relay.queue.envelope import QueueEnvelope, Recipient
+from relay.queue.spool import Spool
 
 log = logging.getLogger("relay.listener")
 
@@ -45,12 +47,12 @@ class Intake:
         cfg: config.Config,
         spool: Spool,
         on_queued: Callable[[str], None],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
         self._cfg = cfg
         self._spool = spool
         self._on_queued = on_queued
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self.storing: set[asyncio.Future[None]] = set()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -85,7 +87,7 @@ class Intake:
 
     def _build(
         self, server: RelaySMTP, envelope: IntakeEnvelope, content: bytes
-    ) -> tuple[Envelope, bytes]:
+    ) -> tuple[QueueEnvelope, bytes]:
         qid = self._spool.new_id()
         now = self._spool.clock()
         client = server.client_info()
@@ -107,7 +109,7 @@ class Intake:
             Recipient(address=addr, options=list(opts))
             for addr, opts in zip(envelope.rcpt_tos, envelope.rcpt_params, strict=True)
         ]
-        spooled = Envelope(
+        spooled = QueueEnvelope(
             id=qid,
             created=now,
             sender=envelope.mail_from or "",
@@ -118,7 +120,7 @@ class Intake:
         )
         return spooled, data
 
-    async def _store(self, spooled: Envelope, data: bytes) -> None:
+    async def _store(self, spooled: QueueEnvelope, data: bytes) -> None:
         # Shielded: once the write started it finishes even if the client disconnects,
         # and a message that reached the disk is always announced to the scheduler.
         task = self._spool.store_soon(spooled, data)
@@ -126,7 +128,7 @@ class Intake:
         task.add_done_callback(lambda done: self._stored(done, spooled))
         await asyncio.shield(task)
 
-    def _stored(self, task: asyncio.Future[None], spooled: Envelope) -> None:
+    def _stored(self, task: asyncio.Future[None], spooled: QueueEnvelope) -> None:
         self.storing.discard(task)
         if task.cancelled() or task.exception() is not None:
             return
@@ -155,19 +157,18 @@ class Listener:
     def __init__(
         self,
         cfg: config.Config,
-        listener: config.Listener,
+        listener: config.ListenerConfig,
         spool: Spool,
         users: UserDb | None,
         on_queued: Callable[[str], None],
         ssl_context: ssl.SSLContext,
+        gate: Gate,
+        metrics: Metrics,
         *,
-        gate: Gate | None = None,
-        metrics: Metrics | None = None,
         sock: socket.socket | None = None,
     ) -> None:
         self.config = listener
         self._sock = sock  # bound by relay.workers' supervisor, shared by the workers
-        metrics = metrics or Metrics()
         self._intake = Intake(cfg, spool, on_queued, metrics)
         self._settings = SessionSettings(
             hostname=cfg.hostname,
@@ -175,7 +176,7 @@ class Listener:
             implicit_tls=listener.tls is config.ListenerTls.IMPLICIT,
             ssl_context=ssl_context,
             limits=cfg.limits,
-            gate=gate or Gate(cfg.limits, cfg.clients.networks),
+            gate=gate,
             users=users,
             metrics=metrics,
         )

@@ -19,21 +19,14 @@ Not: I/O, clocks (the caller passes ``now``), or MIME handling.
 
 from __future__ import annotations
 
-import email.utils
 import re
 from dataclasses import dataclass
 
-from relay.replies import BARE_NEWLINE, Reply
+from relay.intake.replies import BARE_NEWLINE, Reply
+from relay.mailformat import CRLF, crlf_only, format_date
 
-CRLF = b"\r\n"
 _FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 2.2 ftext, obs-optional WSP
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-
-
-def crlf_only(data: bytes) -> bool:
-    """Every CR and every LF belongs to a CRLF pair (bytes.count: C speed)."""
-    pairs = data.count(CRLF)
-    return data.count(b"\r") == pairs and data.count(b"\n") == pairs
 
 
 def check_data(data: bytes) -> Reply | None:
@@ -108,11 +101,6 @@ def _clean_helo(helo: str | None) -> str:
 
 def _address_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-
-
-def format_date(now: float) -> str:
-    """RFC 5322 3.3 date-time, UTC: ``Tue, 02 Jan 2024 03:04:05 +0000``."""
-    return email.utils.formatdate(now, usegmt=False).replace("-0000", "+0000")
 
 
 def received_field(info: ReceivedInfo) -> bytes:

@@ -2,8 +2,8 @@
 
 Role: one place for the code, enhanced status code (RFC 3463) and text of every
 reply tls-relay itself composes, so tests and handlers name a reply instead of
-repeating its text.  Not: parsing replies from other servers (delivery.py does
-that) and not the protocol logic deciding *when* to send them (session.py).
+repeating its text.  Not: parsing replies from other servers (relay.delivery.outcome
+does that) and not the protocol logic deciding *when* to send them (relay.intake.session).
 """
 
 from __future__ import annotations

@@ -4,44 +4,44 @@ Role: everything about a single client connection up to the end of DATA - TLS
 state (STARTTLS, RFC 3207, and implicit TLS, RFC 8314), the command guard (nothing
 but EHLO/HELO/NOOP/RSET/QUIT/STARTTLS before TLS; a cap on commands per session),
 AUTH PLAIN/LOGIN inside TLS (RFC 4954) with per-IP failure throttling, MAIL/RCPT
-validation through :mod:`relay.addresses`, relay control per recipient, limits and
+validation through :mod:`relay.intake.addresses`, relay control per recipient, limits and
 timeouts.  What happens with a finished message is the handler's job
-(``listener.Intake.handle_DATA``).
+(``relay.intake.listener.Intake.handle_DATA``); the command loop, reply grouping
+and session timer underneath are :mod:`relay.intake.commandloop`'s.
 
 What aiosmtpd (>= 1.4.6) already does right and we rely on: DATA ends only at
 CRLF.CRLF (SMTP smuggling), and leftover plaintext is discarded when STARTTLS
 completes (STARTTLS command injection, RFC 3207 section 6) - both have regression
 tests.  What we replace: EHLO (aiosmtpd offers no AUTH on implicit TLS), MAIL/RCPT
 address parsing (aiosmtpd drops source routes silently), AUTH (scrypt must not
-block the event loop: smtpauth.py) and the STARTTLS gate (needs HELO/RSET, 5.7.0).
+block the event loop: auth.py) and the STARTTLS gate (needs HELO/RSET, 5.7.0).
 
-Not: spooling, header surgery, or listening sockets (listener.py).
+Not: spooling, header surgery, or listening sockets (relay.intake.listener).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AnyStr, cast
+from typing import Any, cast
 
-from aiosmtpd.smtp import BOGUS_LIMIT, SMTP, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from relay import addresses, replies, smtpauth, smtpdata
 from relay.config import Limits
-from relay.gate import Gate, IPAddress, client_address
+from relay.intake import addresses, auth, datareader, replies
+from relay.intake.auth import AuthExchange
+from relay.intake.commandloop import CommandLoop
+from relay.intake.gate import Gate, IPAddress, client_address
+from relay.intake.replies import Reply
+from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics
-from relay.replies import Reply
-from relay.smtpauth import AuthExchange
-from relay.spool import ClientInfo
-from relay.users import UserDb
+from relay.queue.envelope import ClientInfo
 
 log = logging.getLogger("relay.listener")
 
@@ -49,22 +49,6 @@ log = logging.getLogger("relay.listener")
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "STARTTLS"})
 # RFC 2920 3.1: commands whose reply may wait for the rest of a pipelined group.
 PIPELINABLE = frozenset({"MAIL", "RCPT", "RSET"})
-COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
-# MAIL grows by its parameters: SIZE (RFC 1870, 26), SMTPUTF8 (RFC 6531, 10), BODY (RFC 6152, 14)
-MAIL_LINE = COMMAND_LINE + 26 + 10 + 14
-
-# aiosmtpd's own replies, given RFC 3463 enhanced codes like ours.
-_AIOSMTPD_REPLIES = {
-    "250 OK": "250 2.0.0 Ok",
-    "221 Bye": "221 2.0.0 Bye",
-    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
-    "500 Command line too long": "500 5.5.2 Command line too long",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
-    "503 Error: send HELO first": "503 5.5.1 Error: send EHLO first",
-    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
-    "501 Syntax: DATA": "501 5.5.4 Syntax: DATA",
-    "552 Error: Too much mail data": str(replies.TOO_MUCH_DATA),
-}
 
 
 class Phase(enum.Enum):
@@ -84,8 +68,8 @@ class SessionSettings:
     limits: Limits
     gate: Gate
     users: UserDb | None
+    metrics: Metrics
     sessions: set[RelaySMTP] = field(default_factory=set)
-    metrics: Metrics = field(default_factory=Metrics)
 
 
 class IntakeEnvelope(SmtpEnvelope):
@@ -96,26 +80,17 @@ class IntakeEnvelope(SmtpEnvelope):
         self.rcpt_params: list[list[str]] = []
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP protocol with tls-relay's rules; one instance per connection."""
+class RelaySMTP(CommandLoop):
+    """One client connection with tls-relay's rules (see the module docstring)."""
 
     def __init__(self, handler: Any, settings: SessionSettings) -> None:
         super().__init__(
             handler,
             hostname=settings.hostname,
-            ident="ESMTP tls-relay",
-            data_size_limit=settings.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            tls_context=None if settings.implicit_tls else settings.ssl_context,
-            require_starttls=False,  # enforced by _guarded, with HELO/RSET and a 5.7.0 code
-            timeout=settings.limits.command_timeout,
-            loop=asyncio.get_running_loop(),
+            limits=settings.limits,
+            starttls_context=None if settings.implicit_tls else settings.ssl_context,
         )
         self.settings = settings
-        self.command_size_limits = collections.defaultdict(
-            lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
-        )
         self._smtp_methods = {
             name: self._guarded(name, method) for name, method in self._smtp_methods.items()
         }
@@ -124,32 +99,28 @@ class RelaySMTP(SMTP):
         self.messages = 0
         self._commands = 0
         self._admitted = self._refused = self._lost = False
-        self._peer: tuple[str, int] = ("", 0)
         self._addr: IPAddress = ipaddress.IPv4Address(0)
         self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
         self._last_user: str | None = None
-        self._out: list[bytes] = []  # replies held back for a pipelined group (push)
-        self._deadline = 0.0  # when the session times out (_reset_timeout)
-        self._may_hold = False
 
     # -- connection ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self._peer = (str(peer[0]), int(peer[1]))
-        self._addr = client_address(self._peer[0])
+        self.peer = (str(peer[0]), int(peer[1]))
+        self._addr = client_address(self.peer[0])
         if self.shutdown_requested or not self.settings.gate.admit(self._addr):
             self._refused = True
             assert isinstance(transport, asyncio.Transport)
             transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
             transport.close()
-            event(log, "session_refused", client=self._peer[0], reason="connection limit")
+            event(log, "session_refused", client=self.peer[0], reason="connection limit")
             return
         self._admitted = True
         self.settings.sessions.add(self)
         self.settings.metrics.sessions.inc(listener=self.settings.listener_name)
         super().connection_made(transport)
         self._note_tls(transport)
-        event(log, "session_open", client=self._peer[0], port=self._peer[1], **self._log_tls())
+        event(log, "session_open", client=self.peer[0], port=self.peer[1], **self._log_tls())
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted or self._lost:
@@ -160,8 +131,8 @@ class RelaySMTP(SMTP):
         event(
             log,
             "session_close",
-            client=self._peer[0],
-            port=self._peer[1],
+            client=self.peer[0],
+            port=self.peer[1],
             listener=self.settings.listener_name,
             **self._log_tls(),
             helo=self.session.host_name if self.session else None,
@@ -176,29 +147,6 @@ class RelaySMTP(SMTP):
             return False
         result: bool | None = super().eof_received()
         return result
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """aiosmtpd re-arms a timer on every command (a cancel and a new heap entry);
-        here the deadline moves and the one timer is re-armed only when it fires
-        early, or when the new deadline is sooner than the armed one."""
-        deadline = self.loop.time() + (duration or self._timeout_duration)
-        self._deadline = deadline
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
-        if self.transport is None:
-            return
-        if self.loop.time() < self._deadline:  # activity since: wait for the rest
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
-            return
-        # RFC 5321 4.5.3.2 timeouts; 421 so the client knows why (RFC 5321 3.8).
-        self._write_raw(b"421 4.4.2 Timeout, closing connection\r\n")
-        event(log, "session_timeout", client=self._peer[0], phase=self.phase.value)
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -222,7 +170,7 @@ class RelaySMTP(SMTP):
         version, cipher, _ = self._tls or (None, None, None)
         return ClientInfo(
             ip=str(self._addr),
-            port=self._peer[1],
+            port=self.peer[1],
             helo=self.session.host_name,
             user=user,
             tls_version=version,
@@ -230,122 +178,8 @@ class RelaySMTP(SMTP):
             listener=self.settings.listener_name,
         )
 
-    # -- the command loop ------------------------------------------------------------------
-    async def _handle_client(self) -> None:
-        """aiosmtpd's command loop, minus what this relay never enables (PROXY
-        protocol, per-command call limits, require_starttls, a STARTTLS hook) and
-        minus its two log calls per command line, which ran a regex over every
-        line even with its logger silenced.  Replies and limits are aiosmtpd's.
-        """
-        assert self.session is not None and not self._enforce_call_limit
-        assert self._proxy_timeout is None and self.enable_SMTPUTF8
-        await self.push(f"220 {self.hostname} {self.__ident__}")
-        bogus_budget = BOGUS_LIMIT
-        while self.transport is not None:
-            try:
-                try:
-                    line: bytes = await self._reader.readuntil()
-                except asyncio.LimitOverrunError as error:
-                    await self._discard_long_line(error.consumed)
-                    await self.push("500 Command line too long")
-                    continue
-                line = line.rstrip(b"\r\n")
-                if not line:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                verb, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = verb.upper().decode("ascii")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
-                limit = (
-                    self.command_size_limits[command]
-                    if self.session.extended_smtp
-                    else self.command_size_limit
-                )
-                if len(line) > limit:
-                    await self.push("500 Command line too long")
-                    continue
-                method = self._smtp_methods.get(command)
-                if method is None:
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
-                        self.transport.close()
-                        continue
-                    await self.push(f'500 Error: command "{command}" not recognized')
-                    continue
-                self._reset_timeout()
-                await method(arg)
-            except (asyncio.CancelledError, ConnectionResetError):
-                self._writer.close()
-                raise
-            except Exception as error:  # as aiosmtpd: the handler words the reply
-                if isinstance(error, TLSSetupException):
-                    self.transport.close()
-                    self.connection_lost(error)
-                    continue
-                try:
-                    status = await self.handle_exception(error)
-                except Exception:
-                    log.exception("handle_exception failed")
-                    status = "500 Error: Cannot describe error"
-                await self.push(status)
-
-    async def _discard_long_line(self, consumed: int) -> None:
-        """Read past a command line over the stream limit (aiosmtpd does the same)."""
-        await self._reader.read(consumed)
-        for _ in range(1 << 20):  # bounded: the stream limit times this is far beyond sane
-            try:
-                await self._reader.readuntil()
-                return
-            except asyncio.LimitOverrunError as again:
-                await self._reader.read(again.consumed)
-
-    # -- replies and the command guard -------------------------------------------------
-    async def push(self, status: AnyStr) -> None:
-        """Queue one reply line; send what is queued unless RFC 2920 lets us wait.
-
-        A reply to MAIL, RCPT or RSET is held back while another pipelined command
-        line is already buffered: the whole group's replies then leave in one TLS
-        record and one send, as Postfix's smtpd does.  Every other reply - and any
-        reply when no complete line is waiting - is sent at once, so a client that
-        waits for us is never kept waiting.
-        """
-        if isinstance(status, str):
-            text = _AIOSMTPD_REPLIES.get(status, status)
-            line = text.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-        else:
-            line = bytes(status)
-        self._out.append(line + b"\r\n")
-        if self._may_hold and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
-            return
-        self._writer.write(b"".join(self._out))
-        self._out.clear()
-        await self._writer.drain()
-
-    def _write_raw(self, data: bytes) -> None:
-        """Write outside the command loop (timeouts, shutdown), after held replies."""
-        data, self._out = b"".join(self._out) + data, []
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(data)
-
-    async def reply(self, reply: Reply) -> None:
-        await self.push(str(reply))
-
-    async def _close_with(self, reply: Reply) -> None:
-        """From inside the session: send *reply*, stop reading, close."""
-        await self.reply(reply)
-        self._abort()
-
-    def _abort(self) -> None:
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
-        if self.transport is not None:
-            self.transport.close()
+    def phase_name(self) -> str:
+        return self.phase.value
 
     def shutdown(self) -> None:
         """Listener stopping: 421 now, unless a message is being stored (it gets its reply)."""
@@ -361,7 +195,7 @@ class RelaySMTP(SMTP):
         async def run(arg: str | None) -> None:
             self._commands += 1
             if self._commands > self.settings.limits.max_commands:
-                event(log, "session_limit", client=self._peer[0], reason="max_commands")
+                event(log, "session_limit", client=self.peer[0], reason="max_commands")
                 await self._close_with(replies.TOO_MANY_COMMANDS)
                 return
             if name not in ALLOWED_BEFORE_TLS and not self.tls_active():
@@ -389,7 +223,7 @@ class RelaySMTP(SMTP):
         if not self.tls_active():
             lines.append("STARTTLS")
         elif self.settings.users is not None:
-            lines.append("AUTH " + " ".join(smtpauth.MECHANISMS))  # RFC 4954: only inside TLS
+            lines.append("AUTH " + " ".join(auth.MECHANISMS))  # RFC 4954: only inside TLS
         for index, line in enumerate(lines):
             await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
 
@@ -423,7 +257,7 @@ class RelaySMTP(SMTP):
                 ssl_handshake_timeout=self.settings.limits.command_timeout,
             )
         except OSError as error:  # SSLError, resets and the handshake timeout
-            event(log, "starttls_failed", client=self._peer[0], error=error)
+            event(log, "starttls_failed", client=self.peer[0], error=error)
             self._abort()
             return
         if tls is None or plain.is_closing():
@@ -464,7 +298,7 @@ class RelaySMTP(SMTP):
             await self.reply(refusal)
             return
         if self.settings.gate.auth_blocked(self._addr):
-            event(log, "auth_refused", logging.WARNING, client=self._peer[0])
+            event(log, "auth_refused", logging.WARNING, client=self.peer[0])
             await self._close_with(replies.TOO_MANY_AUTH_FAILURES)
             return
         assert arg is not None and self.settings.users is not None and self.session is not None
@@ -521,7 +355,7 @@ class RelaySMTP(SMTP):
             refusal = replies.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10: 452 for the extras
         if refusal is not None:
             if refusal in (replies.AUTH_REQUIRED, replies.RELAY_DENIED):
-                event(log, "relay_denied", client=self._peer[0], rcpt=rcpt)
+                event(log, "relay_denied", client=self.peer[0], rcpt=rcpt)
             await self.reply(refusal)
             return
         assert isinstance(rcpt, str)
@@ -542,7 +376,7 @@ class RelaySMTP(SMTP):
             await self._close_with(replies.SHUTTING_DOWN)
 
     async def _data(self, arg: str | None) -> None:
-        """aiosmtpd's DATA, with the data read in chunks (see smtpdata.py)."""
+        """aiosmtpd's DATA, with the data read in chunks (see datareader.py)."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -555,13 +389,13 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             limit = self.settings.limits.max_message_size
-            scanner = await smtpdata.read_data(self._reader, limit)
+            scanner = await datareader.read_data(self._reader, limit)
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             self._writer.close()  # the connection went away mid-DATA: keep nothing
             raise
-        if scanner.problem is smtpdata.DataProblem.TOO_BIG:
+        if scanner.problem is datareader.DataProblem.TOO_BIG:
             await self.push("552 Error: Too much mail data")
-        elif scanner.problem is smtpdata.DataProblem.LINE_TOO_LONG:
+        elif scanner.problem is datareader.DataProblem.LINE_TOO_LONG:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
         if scanner.content is None:
             self._set_post_data_state()  # type: ignore[no-untyped-call]

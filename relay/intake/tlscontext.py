@@ -2,8 +2,8 @@
 
 Role: ``server_context`` for the listeners (STARTTLS and implicit TLS, RFC 3207 /
 RFC 8314); the delivery side's client contexts belong here too.
-Not: policy decisions (policy.py decides what level a destination needs) and not
-certificate generation (certs.py).
+Not: policy decisions (relay.tlspolicy decides what level a destination needs) and not
+certificate generation (relay.certs).
 """
 
 from __future__ import annotations

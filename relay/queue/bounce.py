@@ -5,62 +5,67 @@ bytes of a multipart/report DSN addressed from ``<>`` to the original sender, an
 the envelope that queues it.  Pure: the caller passes ``now``, the new queue id and
 the original message bytes; the result goes back into the spool like any message
 and is delivered over TLS like any message.
-Not: storing or sending the DSN (scheduler.py, queuecli.py), deciding whether a
-recipient failed (delivery.py classifies, scheduler.py applies), or parsing the
+Not: storing or sending the DSN (relay.queue.outcomes, relay.queue.cli), deciding whether a
+recipient failed (relay.delivery classifies, relay.queue.outcomes applies), or parsing the
 original message beyond finding the end of its header section.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
-from relay.message import format_date
-from relay.spool import Attempt, Envelope, Recipient
+from relay.mailformat import format_date
+from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, Recipient
 
-Kind = Literal["failed", "delayed"]
+
+class DsnKind(enum.StrEnum):
+    """RFC 3464 2.3.3 Action of the recipients a DSN reports."""
+
+    FAILED = "failed"  # given up: permanent failure or out of lifetime
+    DELAYED = "delayed"  # still being retried (the optional delay warning)
+
 
 CRLF = b"\r\n"
 MAX_TEXT = 900  # RFC 5322 2.1.1: keep every line well under 998 characters
 MAX_HEADERS = 256 * 1024  # a "header section" with no end is cut here
 SUBJECTS = {
-    "failed": "Undelivered Mail Returned to Sender",
-    "delayed": "Delayed Mail (still being retried)",
+    DsnKind.FAILED: "Undelivered Mail Returned to Sender",
+    DsnKind.DELAYED: "Delayed Mail (still being retried)",
 }
 
-# delivery.py records a reply as `"550 5.1.1 text" from host[ip]:port`; a bare reply
+# relay.delivery records a reply as `"550 5.1.1 text" from host[ip]:port`; a bare reply
 # ("550 5.1.1 text") is accepted too.  RFC 5321 4.2: a reply starts with a 3-digit code.
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")  # RFC 3463 / 2034
-_CONTACT = ("delivered", "transient", "permanent")  # history outcomes that talked to an MX
 
 
-def wants_notice(recipient: Recipient, kind: Kind) -> bool:
+def wants_notice(recipient: Recipient, kind: DsnKind) -> bool:
     """RFC 3461 4.1 NOTIFY: NEVER, or a list of SUCCESS/FAILURE/DELAY; absent = both."""
     for option in recipient.options:
         key, _, value = option.partition("=")
         if key.upper() == "NOTIFY":
             words = {w.strip().upper() for w in value.split(",")}
-            return ("FAILURE" if kind == "failed" else "DELAY") in words
+            return ("FAILURE" if kind is DsnKind.FAILED else "DELAY") in words
     return True
 
 
 def dsn_message(
-    envelope: Envelope,
+    envelope: QueueEnvelope,
     failed: Sequence[Recipient],
     hostname: str,
     now: float,
     original: bytes,
-    kind: Kind,
+    kind: DsnKind,
     new_id: str,
     retry_until: float | None = None,
-) -> tuple[Envelope, bytes]:
+) -> tuple[QueueEnvelope, bytes]:
     """The DSN's envelope (from ``<>``, ``bounce=True``) and its bytes, ready for Spool.store."""
     data = build_dsn(envelope, list(failed), hostname, now, original, kind, new_id, retry_until)
     options = ["BODY=8BITMIME"] if not data.isascii() else []
     if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options):
         options.append("SMTPUTF8")  # RFC 6531: the sender's address may be UTF-8
-    dsn_env = Envelope(
+    dsn_env = QueueEnvelope(
         id=new_id,
         created=now,
         sender="",  # RFC 5321 4.5.5: notifications use the null reverse-path
@@ -73,12 +78,12 @@ def dsn_message(
 
 
 def build_dsn(
-    envelope: Envelope,
+    envelope: QueueEnvelope,
     failed: list[Recipient],
     hostname: str,
     now: float,
     original: bytes,
-    kind: Kind,
+    kind: DsnKind,
     new_id: str,
     retry_until: float | None = None,
 ) -> bytes:
@@ -129,15 +134,15 @@ def original_headers(data: bytes) -> bytes:
     return b"".join(line + CRLF for line in lines if line)
 
 
-def status_code(recipient: Recipient, kind: Kind) -> str:
+def status_code(recipient: Recipient, kind: DsnKind) -> str:
     """RFC 3463 status for a recipient, from what was recorded when it was classified."""
     decision = recipient.history[-1] if recipient.history else None
     contact = _last_contact(recipient)
-    if kind == "delayed":
+    if kind is DsnKind.DELAYED:
         return _enhanced(contact, "4") or "4.0.0"
-    if decision is not None and decision.outcome == "expired":
+    if decision is not None and decision.outcome is AttemptOutcome.EXPIRED:
         return "4.4.7"  # RFC 3463 4.4.7: delivery time expired
-    if decision is not None and decision.outcome == "permanent":
+    if decision is not None and decision.outcome is AttemptOutcome.PERMANENT:
         return _enhanced(decision, "5") or "5.0.0"
     return "5.0.0"
 
@@ -153,7 +158,9 @@ def smtp_reply(attempt: Attempt | None) -> str | None:
 # -- pieces --------------------------------------------------------------------
 
 
-def _top_headers(envelope: Envelope, hostname: str, now: float, kind: Kind, new_id: str) -> bytes:
+def _top_headers(
+    envelope: QueueEnvelope, hostname: str, now: float, kind: DsnKind, new_id: str
+) -> bytes:
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{envelope.sender}>",
@@ -167,10 +174,14 @@ def _top_headers(envelope: Envelope, hostname: str, now: float, kind: Kind, new_
 
 
 def _human_text(
-    envelope: Envelope, failed: list[Recipient], hostname: str, kind: Kind, until: float | None
+    envelope: QueueEnvelope,
+    failed: list[Recipient],
+    hostname: str,
+    kind: DsnKind,
+    until: float | None,
 ) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if kind == "failed":
+    if kind is DsnKind.FAILED:
         lines += [
             "I'm sorry to have to inform you that your message could not",
             "be delivered to one or more recipients. It is attached below.",
@@ -192,11 +203,11 @@ def _human_text(
 
 
 def _status_fields(
-    envelope: Envelope,
+    envelope: QueueEnvelope,
     failed: list[Recipient],
     hostname: str,
     now: float,
-    kind: Kind,
+    kind: DsnKind,
     until: float | None,
 ) -> str:
     blocks = [_message_fields(envelope, hostname)]
@@ -204,17 +215,17 @@ def _status_fields(
     return "\r\n".join("".join(f"{line}\r\n" for line in block) for block in blocks)
 
 
-def _message_fields(envelope: Envelope, hostname: str) -> list[str]:
+def _message_fields(envelope: QueueEnvelope, hostname: str) -> list[str]:
     # RFC 3464 2.2: per-message fields
     lines = [f"Reporting-MTA: dns; {hostname}"]
     envid = _option(envelope.mail_options, "ENVID")
     if envid is not None:
-        lines.append(f"Original-Envelope-Id: {_clean(_xtext(envid))}")
+        lines.append(f"Original-QueueEnvelope-Id: {_clean(_xtext(envid))}")
     lines.append(f"Arrival-Date: {format_date(envelope.created)}")
     return lines
 
 
-def _recipient_fields(rcpt: Recipient, now: float, kind: Kind, until: float | None) -> list[str]:
+def _recipient_fields(rcpt: Recipient, now: float, kind: DsnKind, until: float | None) -> list[str]:
     # RFC 3464 2.3: per-recipient fields
     lines = []
     orcpt = _option(rcpt.options, "ORCPT")
@@ -234,14 +245,14 @@ def _recipient_fields(rcpt: Recipient, now: float, kind: Kind, until: float | No
         lines.append(f"Diagnostic-Code: smtp; {_clean(reply)}")
     last = contact or (rcpt.history[-1] if rcpt.history else None)
     lines.append(f"Last-Attempt-Date: {format_date(last.at if last else now)}")
-    if kind == "delayed" and until is not None:
+    if kind is DsnKind.DELAYED and until is not None:
         lines.append(f"Will-Retry-Until: {format_date(until)}")
     return lines
 
 
 def _last_contact(rcpt: Recipient) -> Attempt | None:
     """The latest attempt that actually reached (or tried to reach) an MX."""
-    return next((a for a in reversed(rcpt.history) if a.outcome in _CONTACT), None)
+    return next((a for a in reversed(rcpt.history) if a.outcome.contacted_mx), None)
 
 
 def _enhanced(attempt: Attempt | None, klass: str) -> str | None:

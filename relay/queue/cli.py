@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from relay import bounce
 from relay.config import Config
 from relay.errors import MessageBusy, MessageNotFound, RelayError
-from relay.spool import Attempt, Envelope, RcptState, Spool
+from relay.queue import bounce
+from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, RcptState
+from relay.queue.spool import Spool
 
 PREFIX = "tls-relay queue"
 OPERATOR_REASON = "bounced by operator"
@@ -74,7 +75,7 @@ def _ids(spool: Spool, held: bool) -> list[str]:
         return []  # no spool yet: nothing queued
 
 
-def _envelopes(ctx: _Ctx) -> Iterator[Envelope]:
+def _envelopes(ctx: _Ctx) -> Iterator[QueueEnvelope]:
     for qid in sorted(_ids(ctx.spool, False) + _ids(ctx.spool, True)):
         try:
             yield ctx.spool.load(qid)
@@ -99,12 +100,12 @@ def _span(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _next(env: Envelope, rcpt_state: RcptState, next_attempt: float) -> float | None:
+def _next(env: QueueEnvelope, rcpt_state: RcptState, next_attempt: float) -> float | None:
     """When a recipient is tried next; None when it is final."""
     return None if rcpt_state.final else max(next_attempt, env.created)
 
 
-def _as_json(env: Envelope) -> dict[str, Any]:
+def _as_json(env: QueueEnvelope) -> dict[str, Any]:
     return {
         "id": env.id,
         "sender": env.sender,
@@ -188,7 +189,7 @@ def _show(ctx: _Ctx, args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _locked(ctx: _Ctx, qid: str) -> Iterator[Envelope]:
+def _locked(ctx: _Ctx, qid: str) -> Iterator[QueueEnvelope]:
     """The message, loaded under its lock; MessageBusy if `serve` is delivering it."""
     if not ctx.spool.exists(qid):
         raise MessageNotFound(qid)
@@ -270,8 +271,8 @@ def _bounce(ctx: _Ctx, args: argparse.Namespace) -> int:
         now = ctx.clock()
         pending = [r for r in env.recipients if not r.state.final]
         for r in pending:
-            r.record(Attempt(at=now, outcome="operator", reason=OPERATOR_REASON))
-        wanted = [r for r in pending if bounce.wants_notice(r, "failed")]
+            r.record(Attempt(at=now, outcome=AttemptOutcome.OPERATOR, reason=OPERATOR_REASON))
+        wanted = [r for r in pending if bounce.wants_notice(r, bounce.DsnKind.FAILED)]
         if not env.sender or env.bounce:  # RFC 3464: never a DSN for a null sender
             note = "no DSN (null sender)"
         elif not wanted:
@@ -284,7 +285,7 @@ def _bounce(ctx: _Ctx, args: argparse.Namespace) -> int:
                 ctx.cfg.hostname,
                 now,
                 ctx.spool.read_data(env.id),
-                "failed",
+                bounce.DsnKind.FAILED,
                 ctx.spool.new_id(),
             )
             ctx.spool.store(dsn_env, blob)

@@ -4,7 +4,7 @@ Role: pure decisions over values.  Given how many attempts a recipient has had,
 when its message arrived, the current time and the ``queue`` config, say when to
 try again, or that the message has run out of lifetime and must bounce.
 Not: reading clocks, drawing random numbers (the caller passes ``now`` and a
-``jitter`` in [-1, 1]), or touching the spool.  See scheduler.py for the caller.
+``jitter`` in [-1, 1]), or touching the spool.  See relay.queue.outcomes for the caller.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Scheduler: the queue manager between the spool and delivery.
 
-Role: know when each queued message is due, take its lock, hand its due
-recipients to the deliverer one destination domain at a time (concurrently,
-bounded), and turn each recipient's outcome into durable spool state at once:
-delivered, deferred with the next attempt from retry.py, or bounced with an
-RFC 3464 DSN (bounce.py) that re-enters the spool as a message from ``<>``.
+Role: know when each queued message is due, take its lock, and run one
+:class:`~relay.queue.outcomes.DeliveryPass` over its due recipients (which records
+every outcome durably, with DSNs that re-enter the spool as messages from ``<>``).
 New messages are picked up the moment the listener calls :meth:`Scheduler.enqueue`;
 deferred ones by a timer on an in-memory due-time heap; changes made by
 ``tls-relay queue`` arrive as a b"kick" datagram on the spool's control socket
 (and a periodic rescan catches anything else).
-Not: SMTP, MX lookup or TLS (delivery.py), the retry arithmetic (retry.py), the
-DSN format (bounce.py), or the file formats and locking (spool.py).
+With several workers each scheduler takes its shard of the queue (relay.workers).
+Not: what an outcome means for a recipient (relay.queue.outcomes), SMTP, MX lookup or
+TLS (relay.delivery), the retry arithmetic (relay.queue.retry), the control socket
+(relay.queue.control), or the file formats and locking (relay.queue.spool).
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ import heapq
 import itertools
 import logging
 import random
-import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from collections.abc import Callable
 
-from relay import bounce, retry
 from relay.config import QueueConfig
-from relay.delivery import Outcome, Status
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.log import event
 from relay.metrics import Metrics
-from relay.spool import Attempt, Envelope, RcptState, Recipient, Spool
+from relay.queue.control import ControlSocket
+from relay.queue.envelope import QueueEnvelope
+from relay.queue.outcomes import DelivererLike, DeliveryPass, PassContext, due_recipients, off_loop
+from relay.queue.recovery import recover
+from relay.queue.spool import Spool
 from relay.workers import shard_of
 
 log = logging.getLogger("relay.scheduler")
@@ -43,35 +42,6 @@ ERROR_RETRY = 60.0  # spool trouble (disk full, unreadable data): look again lat
 RESCAN_INTERVAL = 60.0  # safety net besides kicks: notice files changed behind our back
 MAX_SLEEP = RESCAN_INTERVAL  # the wall clock may jump: never sleep longer than this
 CANCEL_WAIT = 5.0  # stop(): how long cancelled deliveries get to unwind
-
-T = TypeVar("T")
-
-
-class DelivererLike(Protocol):
-    """delivery.Deliverer as the scheduler uses it."""
-
-    async def deliver(
-        self,
-        queue_id: str,
-        sender: str,
-        mail_options: Sequence[str],
-        domain: str,
-        recipients: Sequence[tuple[str, Sequence[str]]],
-        data: bytes,
-    ) -> Sequence[Outcome]: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class _Pass:
-    """One delivery pass over one message."""
-
-    env: Envelope
-    data: bytes
-    guard: asyncio.Lock  # serialises apply + write between concurrent domains
-    to_bounce: list[Recipient]
-    write_failed: bool = False
 
 
 class Scheduler:
@@ -102,13 +72,25 @@ class Scheduler:
         self._due: dict[str, float] = {}  # the one current due time per scheduled qid
         self._seq = itertools.count()
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(self.concurrency)  # concurrent domain deliveries
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()
         self._mtimes: dict[str, int] = {}
         self._background: list[asyncio.Task[None]] = []
-        self._control: asyncio.DatagramTransport | None = None
         self._stopping = False
+        self._control = ControlSocket(
+            spool.control_socket(shard[0]), self.kick, f"rescan every {RESCAN_INTERVAL:g}s"
+        )
+        self._passes = PassContext(
+            spool,
+            deliverer,
+            cfg,
+            hostname,
+            clock,
+            self.rand,
+            self.metrics,
+            asyncio.Semaphore(self.concurrency),  # concurrent domain deliveries
+            self.enqueue,
+        )
 
     # -- public -------------------------------------------------------------------
     def enqueue(self, qid: str) -> None:
@@ -143,10 +125,10 @@ class Scheduler:
     async def start(self) -> None:
         """Recover the spool, load every queued message, listen for kicks, run."""
         if self.shard[1] == 1:  # with several workers the supervisor did it, once
-            for line in await asyncio.to_thread(self.spool.recover):
+            for line in await asyncio.to_thread(recover, self.spool):
                 event(log, "recovered", action=line)
         await self.rescan()
-        await self._open_control()
+        await self._control.open()
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self._dispatch(), name="scheduler-dispatch"),
@@ -165,7 +147,7 @@ class Scheduler:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        self._close_control()
+        self._control.close()
         running = set(self._active.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=max(grace, 0.0))
@@ -256,7 +238,7 @@ class Scheduler:
                 found[qid] = (self.clock(), 0)  # _process quarantines it under its lock
         return found
 
-    def _next_due(self, env: Envelope) -> float:
+    def _next_due(self, env: QueueEnvelope) -> float:
         pending = [r.next_attempt for r in env.recipients if not r.state.final]
         return min(pending) if pending else self.clock()
 
@@ -271,7 +253,7 @@ class Scheduler:
         except MessageNotFound:
             pass  # deleted by an operator, or a bad id
         except CorruptMessage as exc:
-            await _off_loop(self.spool.quarantine, qid, False, str(exc))
+            await off_loop(self.spool.quarantine, qid, False, str(exc))
         except (SpoolError, OSError) as exc:
             event(log, "queue_error", level=logging.ERROR, queue_id=qid, error=exc)
             again = self.clock() + ERROR_RETRY
@@ -288,229 +270,21 @@ class Scheduler:
         """Deliver the due recipients of *qid*; return its next due time, None if gone."""
         now = self.clock()  # one reading: what is due and whether data was read agree
         fresh = self.spool.take_fresh(qid)  # just accepted: still in memory
-        env, data = fresh if fresh is not None else await _off_loop(self._load, qid, now)
+        env, data = fresh if fresh is not None else await off_loop(self._load, qid, now)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
-        due = _due(env, now)
+        due = due_recipients(env, now)
         if due:
-            run = _Pass(env, data, asyncio.Lock(), [])
-            domains = _by_domain(due)
-            if len(domains) == 1:  # the common case: no task group needed
-                await self._deliver_domain(run, *next(iter(domains.items())))
-            else:
-                async with asyncio.TaskGroup() as group:
-                    for domain, rcpts in domains.items():
-                        group.create_task(self._deliver_domain(run, domain, rcpts))
-            await self._finish(run)
+            await DeliveryPass(self._passes, env, data).run(due)
         if env.done:
             self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
             event(log, "queue_removed", queue_id=qid)
             return None
         return self._next_due(env)
 
-    def _load(self, qid: str, now: float) -> tuple[Envelope, bytes]:
-        """Envelope and data in one trip off the loop (data only if something is due)."""
+    def _load(self, qid: str, now: float) -> tuple[QueueEnvelope, bytes]:
+        """QueueEnvelope and data in one trip off the loop (data only if something is due)."""
         env = self.spool.load(qid)
-        if env.held or not _due(env, now):
+        if env.held or not due_recipients(env, now):
             return env, b""
         return env, self.spool.read_data(qid)
-
-    async def _deliver_domain(self, run: _Pass, domain: str, rcpts: list[Recipient]) -> None:
-        async with self._slots:
-            outcomes = await self._call_deliverer(run, domain, rcpts)
-        async with run.guard:
-            now = self.clock()
-            for rcpt, outcome in zip(rcpts, outcomes, strict=True):
-                self._apply(run, rcpt, outcome, now)
-            if run.env.done and not run.to_bounce:
-                return  # removing the message right after is the durable record
-            try:  # durable at once: a restart never re-sends to these recipients
-                await _off_loop(self.spool.update, run.env)
-            except SpoolError as exc:
-                run.write_failed = True
-                event(
-                    log,
-                    "queue_write_failed",
-                    level=logging.ERROR,
-                    queue_id=run.env.id,
-                    domain=domain,
-                    error=exc,
-                )
-
-    async def _call_deliverer(
-        self, run: _Pass, domain: str, rcpts: list[Recipient]
-    ) -> list[Outcome]:
-        env = run.env
-        try:
-            got = await self.deliverer.deliver(
-                env.id,
-                env.sender,
-                env.mail_options,
-                domain,
-                [(r.address, r.options) for r in rcpts],
-                run.data,
-            )
-        except Exception as exc:  # a delivery bug defers, it never loses or bounces mail
-            event(
-                log,
-                "delivery_error",
-                level=logging.ERROR,
-                queue_id=env.id,
-                domain=domain,
-                error=repr(exc),
-            )
-            got = []
-        if len(got) == len(rcpts):
-            return list(got)  # one per recipient, same order (the delivery contract)
-        by_address = {o.recipient: o for o in got}
-        missing = "local error: delivery gave no outcome"
-        return [
-            by_address.get(r.address, Outcome(r.address, Status.TRANSIENT, missing)) for r in rcpts
-        ]
-
-    def _apply(self, run: _Pass, rcpt: Recipient, outcome: Outcome, now: float) -> None:
-        o = outcome
-        rcpt.attempts += 1
-        rcpt.record(Attempt(now, str(o.status), o.reason, o.mx_host, o.mx_ip, o.tls, o.reply))
-        if o.status is Status.DELIVERED:
-            rcpt.state = RcptState.DELIVERED
-        elif o.status is Status.PERMANENT:
-            run.to_bounce.append(rcpt)  # marked bounced in _finish, after its DSN is stored
-            return
-        else:
-            jitter = self.rand.uniform(-1.0, 1.0)
-            nxt = retry.next_attempt(rcpt.attempts, run.env.created, now, self.cfg, jitter)
-            if nxt is None:  # RFC 5321 4.5.4.1: out of lifetime, give up
-                why = f"delivery time expired; last error: {outcome.reason}"
-                rcpt.record(Attempt(at=now, outcome="expired", reason=why))
-                run.to_bounce.append(rcpt)
-                return
-            rcpt.state, rcpt.next_attempt = RcptState.DEFERRED, nxt
-        self._log_state(run.env, rcpt, outcome.mx_host)
-
-    async def _finish(self, run: _Pass) -> None:
-        """Bounces (DSN stored before the recipients are marked), delay warning."""
-        env, now = run.env, self.clock()
-        if run.to_bounce:
-            # Store the DSN first: a crash between the two writes may send it twice,
-            # never zero times.
-            await self._notify(run, run.to_bounce, "failed", now)
-            for rcpt in run.to_bounce:
-                rcpt.state = RcptState.BOUNCED
-                self._log_state(env, rcpt, None)
-            await _off_loop(self.spool.update, env)
-        if retry.warning_due(env.created, now, self.cfg, env.warned):
-            late = [r for r in env.recipients if r.state is RcptState.DEFERRED]
-            await self._notify(run, late, "delayed", now)
-            env.warned = True
-            await _off_loop(self.spool.update, env)
-        if run.write_failed:  # one more try to record every outcome; raises if it fails
-            await _off_loop(self.spool.update, env)
-
-    async def _notify(
-        self, run: _Pass, rcpts: list[Recipient], kind: bounce.Kind, now: float
-    ) -> None:
-        env = run.env
-        wanted = [r for r in rcpts if bounce.wants_notice(r, kind)]
-        if not wanted:
-            return
-        if not env.sender or env.bounce:  # RFC 5321 4.5.5 / RFC 3464: never bounce a bounce
-            event(log, "dsn_suppressed", queue_id=env.id, kind=kind, reason="null sender")
-            return
-        until = retry.expires_at(env.created, self.cfg) if kind == "delayed" else None
-        new_id = self.spool.new_id()
-        dsn_env, blob = bounce.dsn_message(
-            env, wanted, self.hostname, now, run.data, kind, new_id, until
-        )
-        await _off_loop(self.spool.store, dsn_env, blob)
-        event(
-            log,
-            "dsn_queued",
-            queue_id=env.id,
-            dsn_id=new_id,
-            kind=kind,
-            to=env.sender,
-            recipients=",".join(r.address for r in wanted),
-        )
-        if kind == "failed":
-            self.metrics.bounces.inc()
-        self.enqueue(new_id)
-
-    def _log_state(self, env: Envelope, rcpt: Recipient, mx: str | None) -> None:
-        nxt = rcpt.next_attempt if rcpt.state is RcptState.DEFERRED else None
-        self.metrics.deliveries.inc(outcome=str(rcpt.state))  # delivered|deferred|bounced
-        if rcpt.state is RcptState.DELIVERED:
-            return  # the deliverer's line (outcome=delivered, MX, TLS) is the record
-        event(
-            log,
-            "queue_state",
-            queue_id=env.id,
-            recipient=rcpt.address,
-            state=rcpt.state,
-            attempts=rcpt.attempts,
-            next_in=None if nxt is None else round(nxt - self.clock()),
-            mx=mx,
-            reason=rcpt.last_reason,
-        )
-
-    # -- control socket -----------------------------------------------------------
-    async def _open_control(self) -> None:
-        path = self.spool.control_socket(self.shard[0])
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            if path.is_socket():
-                path.unlink()  # left by a previous run
-            sock.bind(str(path))
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            self._control, _ = await loop.create_datagram_endpoint(
-                lambda: _Control(self.kick), sock=sock
-            )
-        except OSError as exc:
-            sock.close()
-            event(
-                log,
-                "control_socket_unavailable",
-                level=logging.WARNING,
-                path=path,
-                error=exc,
-                fallback=f"rescan every {RESCAN_INTERVAL:g}s",
-            )
-
-    def _close_control(self) -> None:
-        if self._control is not None:
-            self._control.close()
-            self._control = None
-            with contextlib.suppress(OSError):
-                self.spool.control_socket(self.shard[0]).unlink()
-
-
-class _Control(asyncio.DatagramProtocol):
-    def __init__(self, on_kick: Callable[[], None]) -> None:
-        self.on_kick = on_kick
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if data.strip() == b"kick":
-            self.on_kick()
-
-
-def _due(env: Envelope, now: float) -> list[Recipient]:
-    return [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
-
-
-def _by_domain(rcpts: list[Recipient]) -> dict[str, list[Recipient]]:
-    groups: dict[str, list[Recipient]] = {}
-    for rcpt in rcpts:
-        groups.setdefault(rcpt.address.rpartition("@")[2].lower(), []).append(rcpt)
-    return groups
-
-
-async def _off_loop(fn: Callable[..., T], *args: object) -> T:
-    """Run blocking spool I/O in a thread.  If we are cancelled meanwhile, wait for
-    the thread anyway, so the message lock is never released mid-write."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise

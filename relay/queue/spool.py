@@ -16,148 +16,42 @@ a delivery may deliver that message again, never lose it.
 Per-message ``flock(2)`` locks on the message file let ``tls-relay queue`` commands
 run safely while ``serve`` delivers: whoever changes a message holds its lock.
 
-Not: deciding when to deliver (scheduler.py) or what a reply means (delivery.py).
+Not: deciding when to deliver (relay.queue.scheduler) or what a reply means (relay.delivery).
+The envelope model is relay.queue.envelope, the in-memory handoff of just-stored
+messages relay.queue.fresh, crash recovery relay.queue.recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import enum
 import errno
 import fcntl
 import itertools
-import json
 import logging
 import os
 import random
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
-from relay.safeio import TMP_PREFIX, Committer, atomic_write, fsync_dir, temp_name, write_all
+from relay.queue.envelope import QueueEnvelope
+from relay.queue.fresh import FreshMessages, Stamp
+from relay.safeio import Committer, atomic_write, fsync_dir, temp_name, write_all
 
 log = logging.getLogger("relay.spool")
 
-ENVELOPE_VERSION = 1
 MAGIC = b"TLS-RELAY-MESSAGE 1 "  # + envelope length, LF; then envelope, then data
-FRESH_MAX = 512  # messages kept in memory between store and first delivery pass
-FRESH_MAX_BYTES = 64 * 1024 * 1024
 LOOP_WRITE_MAX = 256 * 1024  # store_soon: bigger messages are written by a worker thread
-HISTORY_LIMIT = 25  # attempts remembered per recipient; older ones are dropped
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
 # Forked workers (relay.workers) must not share one sequence of ids.
 os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
-
-
-class RcptState(enum.StrEnum):
-    QUEUED = "queued"  # not tried yet
-    DEFERRED = "deferred"  # tried, transient failure, will retry
-    DELIVERED = "delivered"  # final: the MX accepted it
-    BOUNCED = "bounced"  # final: permanent failure or expired; DSN sent (unless null sender)
-
-    @property
-    def final(self) -> bool:
-        return self in (RcptState.DELIVERED, RcptState.BOUNCED)
-
-
-@dataclass
-class Attempt:
-    at: float
-    outcome: str  # "delivered" | "transient" | "permanent" | "expired" | "operator"
-    reason: str
-    mx: str | None = None
-    ip: str | None = None
-    tls: str | None = None
-    reply: str | None = None  # the MX's reply ("550 5.1.1 text") as data, for DSNs
-
-
-@dataclass
-class Recipient:
-    address: str
-    options: list[str] = field(default_factory=list)
-    state: RcptState = RcptState.QUEUED
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reason: str | None = None
-    history: list[Attempt] = field(default_factory=list)
-
-    def record(self, attempt: Attempt) -> None:
-        self.history.append(attempt)
-        del self.history[:-HISTORY_LIMIT]
-        self.last_reason = attempt.reason
-
-
-@dataclass
-class ClientInfo:
-    ip: str
-    port: int
-    helo: str | None = None
-    user: str | None = None
-    tls_version: str | None = None
-    tls_cipher: str | None = None
-    listener: str | None = None
-
-
-@dataclass
-class Envelope:
-    id: str
-    created: float
-    sender: str  # "" is the null reverse-path <>
-    recipients: list[Recipient]
-    mail_options: list[str] = field(default_factory=list)
-    client: ClientInfo | None = None
-    size: int = 0
-    bounce: bool = False  # this message is itself a DSN
-    warned: bool = False  # a delay warning was sent
-    held: bool = False  # derived from where the envelope sits; not serialised
-
-    @property
-    def done(self) -> bool:
-        return all(r.state.final for r in self.recipients)
-
-    def to_json(self) -> bytes:
-        # By hand rather than dataclasses.asdict (a recursive deep copy): this runs
-        # for every accepted message.  test_spool round-trips every field.
-        raw = dict(vars(self))
-        raw.pop("held")
-        raw["recipients"] = [
-            {**vars(r), "history": [vars(a) for a in r.history]} for r in self.recipients
-        ]
-        raw["client"] = vars(self.client) if self.client is not None else None
-        raw["version"] = ENVELOPE_VERSION
-        return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, blob: bytes, held: bool = False) -> Envelope:
-        try:
-            raw: dict[str, Any] = json.loads(blob)
-            if raw.pop("version", None) != ENVELOPE_VERSION:
-                raise ValueError("unknown envelope version")
-            client = raw.pop("client", None)
-            rcpts = [_recipient(r) for r in raw.pop("recipients")]
-            env = cls(recipients=rcpts, client=ClientInfo(**client) if client else None, **raw)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CorruptMessage(f"envelope cannot be parsed: {exc}") from exc
-        env.held = held
-        if not env.id or not env.recipients:
-            raise CorruptMessage("envelope has no id or no recipients")
-        return env
-
-
-def _recipient(raw: dict[str, Any]) -> Recipient:
-    history = [Attempt(**a) for a in raw.pop("history", [])]
-    state = RcptState(raw.pop("state"))
-    return Recipient(state=state, history=history, **raw)
 
 
 def durable_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
@@ -195,9 +89,7 @@ class Spool:
         self._states = str(self.state_dir)
         # Messages this process just stored, for the scheduler's first pass: saves
         # re-reading and re-parsing what is still in memory (see take_fresh).
-        self._fresh: collections.OrderedDict[str, _Fresh] = collections.OrderedDict()
-        self._fresh_bytes = 0
-        self._fresh_lock = threading.Lock()
+        self.fresh = FreshMessages()
         self._committer = Committer()
 
     # -- layout ---------------------------------------------------------------
@@ -236,7 +128,7 @@ class Spool:
         raise MessageNotFound(f"no such message: {qid}")
 
     # -- writes -----------------------------------------------------------------
-    def store(self, envelope: Envelope, data: bytes | Iterable[bytes]) -> None:
+    def store(self, envelope: QueueEnvelope, data: bytes | Iterable[bytes]) -> None:
         """Make a new message durable: one file, header + envelope + data."""
         head = _head(envelope)
         chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
@@ -244,40 +136,13 @@ class Spool:
         durable_write(path, chunks)
         if isinstance(data, bytes):
             with contextlib.suppress(OSError):
-                self._remember(envelope, data, _stamp(os.stat(path)))
+                self.fresh.remember(envelope, data, _stamp(os.stat(path)))
 
-    def _remember(
-        self, envelope: Envelope, data: bytes, stamp: tuple[int, int, int], fd: int = -1
-    ) -> None:
-        with self._fresh_lock:
-            self._fresh[envelope.id] = _Fresh(stamp, envelope, data, fd)
-            self._fresh_bytes += len(data)
-            while self._fresh and (
-                len(self._fresh) > FRESH_MAX or self._fresh_bytes > FRESH_MAX_BYTES
-            ):
-                _, dropped = self._fresh.popitem(last=False)
-                self._drop(dropped)
-
-    def _drop(self, fresh: _Fresh) -> None:
-        self._fresh_bytes -= len(fresh.data)
-        if fresh.fd >= 0:
-            os.close(fresh.fd)  # releases the lock taken at store time
-            fresh.fd = -1
-
-    def forget_fresh(self) -> None:
-        """Drop every just-stored message from memory and release its lock (stop)."""
-        with self._fresh_lock:
-            while self._fresh:
-                self._drop(self._fresh.popitem()[1])
-
-    def take_fresh(self, qid: str) -> tuple[Envelope, bytes] | None:
+    def take_fresh(self, qid: str) -> tuple[QueueEnvelope, bytes] | None:
         """The envelope and data this process stored for *qid*, if nobody (e.g. a
         `queue` command) changed the message since: same message file in queue/
         (inode, mtime, size) and no state file.  Call with the message locked."""
-        with self._fresh_lock:
-            fresh = self._fresh.pop(qid, None)
-            if fresh is not None:
-                self._drop(fresh)
+        fresh = self.fresh.take(qid)
         if fresh is None:
             return None
         if fresh.locked_since_store:  # every writer takes the lock first: unchanged
@@ -290,7 +155,7 @@ class Spool:
             return None
         return fresh.envelope, fresh.data
 
-    def store_soon(self, envelope: Envelope, data: bytes) -> asyncio.Future[None]:
+    def store_soon(self, envelope: QueueEnvelope, data: bytes) -> asyncio.Future[None]:
         """Start making a new message durable; the future is done when it is (file
         fsync'd, renamed into queue/, directory fsync'd), or fails with SpoolError.
 
@@ -323,7 +188,7 @@ class Spool:
         def finish(commit: asyncio.Future[None]) -> None:
             exc = commit.exception()
             if exc is None:
-                self._remember(envelope, data, stamp, fd)  # fd (and lock) live on there
+                self.fresh.remember(envelope, data, stamp, fd)  # fd (and lock) live on there
                 done.set_result(None)
                 return
             os.close(fd)
@@ -334,7 +199,7 @@ class Spool:
         commit.add_done_callback(finish)
         return done
 
-    def update(self, envelope: Envelope) -> None:
+    def update(self, envelope: QueueEnvelope) -> None:
         """Durably replace the envelope (the message file itself never changes)."""
         durable_write(self.state_path(envelope.id), envelope.to_json())
 
@@ -367,7 +232,7 @@ class Spool:
         fsync_dir(src.parent)
 
     # -- reads ------------------------------------------------------------------
-    def load(self, qid: str) -> Envelope:
+    def load(self, qid: str) -> QueueEnvelope:
         path, held = self._find(qid)
         try:
             blob = self.state_path(qid).read_bytes()
@@ -377,7 +242,7 @@ class Spool:
                     blob = _read_head(fh, qid)
             except FileNotFoundError as exc:
                 raise MessageNotFound(f"no such message: {qid}") from exc
-        return Envelope.from_json(blob, held=held)
+        return QueueEnvelope.from_json(blob, held=held)
 
     def read_data(self, qid: str) -> bytes:
         path, _ = self._find(qid)
@@ -411,11 +276,7 @@ class Spool:
         ``wait=False`` raises MessageBusy when another process holds it.
         """
         # A message this process just stored is still locked from store_soon.
-        with self._fresh_lock:
-            fresh = self._fresh.get(qid)
-            fd = fresh.fd if fresh is not None else -1
-            if fresh is not None and fd >= 0:
-                fresh.fd, fresh.locked_since_store = -1, True
+        fd = self.fresh.claim_lock(qid)
         if fd >= 0:
             try:
                 yield
@@ -440,48 +301,6 @@ class Spool:
             yield
         finally:
             os.close(fd)
-
-    # -- recovery -----------------------------------------------------------------
-    def recover(self) -> list[str]:
-        """Startup clean-up after a crash.  Returns one line per action taken.
-
-        Temp files are removed (a message whose temp file never got its rename
-        never got a 250); a state file without its message is removed; a message
-        whose header or envelope cannot be parsed is moved to quarantine (never
-        deleted) so an operator can look at it.
-        """
-        self.setup()
-        actions: list[str] = []
-        for folder in (self.queue_dir, self.hold_dir, self.state_dir):
-            for tmp in folder.glob(f"{TMP_PREFIX}*"):
-                tmp.unlink(missing_ok=True)
-                actions.append(f"removed temp file {tmp.name}")
-        live: set[str] = set()
-        for held in (False, True):
-            for qid in self.ids(held):
-                problem = self._check_one(qid)
-                if problem is None:
-                    live.add(qid)
-                    continue
-                self.quarantine(qid, held, problem)
-                actions.append(f"quarantined {qid}: {problem}")
-        for state in self.state_dir.iterdir():
-            if state.name.endswith(".json") and state.name[:-5] not in live:
-                state.unlink(missing_ok=True)
-                actions.append(f"removed state without message {state.name}")
-        for line in actions:
-            event(log, "spool_recover", action=line)
-        return actions
-
-    def _check_one(self, qid: str) -> str | None:
-        try:
-            self.load(qid)
-            self.read_data(qid)
-        except CorruptMessage as exc:
-            return str(exc)
-        except (OSError, ValueError, MessageNotFound) as exc:
-            return f"unreadable message: {exc}"
-        return None
 
     def quarantine(self, qid: str, held: bool, reason: str) -> None:
         """Move a damaged message's files aside; they are never deleted."""
@@ -512,7 +331,7 @@ class Spool:
         return reached
 
 
-def _head(envelope: Envelope) -> bytes:
+def _head(envelope: QueueEnvelope) -> bytes:
     """A message file's header line and envelope; the data follows (_read_head)."""
     blob = envelope.to_json()
     return b"%s%d\n%s" % (MAGIC, len(blob), blob)
@@ -533,16 +352,7 @@ def _read_head(fh: BinaryIO, qid: str) -> bytes:
     return blob
 
 
-@dataclass
-class _Fresh:
-    stamp: tuple[int, int, int]
-    envelope: Envelope
-    data: bytes
-    fd: int = -1  # the message file, flock'd since it was written; -1 once handed on
-    locked_since_store: bool = False  # lock() used fd: nobody can have changed it
-
-
-def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+def _stamp(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 

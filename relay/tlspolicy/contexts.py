@@ -1,15 +1,15 @@
 """Outbound TLS: client contexts per TLS level, and the facts a handshake proved.
 
 Role: build (and cache) the client ``ssl.SSLContext`` a delivery attempt needs for a
-:class:`relay.policy.Requirement` — ``encrypt``: no certificate check; ``verify`` and
+:class:`relay.tlspolicy.verdict.Requirement` — ``encrypt``: no certificate check; ``verify`` and
 ``secure``: chain checked against ``delivery.ca_file`` (or the system bundle); the
 protocol floor is the requirement's ``min_version``, so an MX that cannot do it fails
 the handshake.  Host names are *not* checked by OpenSSL (``check_hostname`` off): the
 policy module matches the names this module extracts from the peer certificate.
-Turn a finished handshake into a :class:`relay.policy.Observed`.
+Turn a finished handshake into a :class:`relay.tlspolicy.verdict.Observed`.
 
 Not: deciding whether a session is good enough (policy.decide does that), SMTP, or
-server-side contexts (tlsctx.py).
+server-side contexts (relay.intake.tlscontext).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from relay.config import TlsLevel
-from relay.policy import Observed, Requirement
+from relay.tlspolicy.verdict import Observed, Requirement
 
 ContextKey = tuple[bool, ssl.TLSVersion]
 

@@ -5,17 +5,17 @@ the DNS failure), the effective TLS level, its minimum version and where it came
 the names accepted for ``secure``, and the state of MTA-STS and DANE.
 
 Not: connecting to any MX, changing the queue, or deciding anything delivery does not
-decide the same way: it reuses :mod:`relay.mx` and :mod:`relay.policy`.
+decide the same way: it reuses :mod:`relay.delivery.mx` and :mod:`relay.tlspolicy.verdict`.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from relay.addresses import normalize_domain
 from relay.config import Config, Route, TlsLevel
-from relay.mx import MxResolver, MxResult, MxStatus, route_for
-from relay.policy import Requirement, requirement
+from relay.delivery.mx import MxResolver, MxResult, MxStatus, route_for
+from relay.domains import normalize_domain
+from relay.tlspolicy.verdict import Requirement, requirement
 
 NOT_IMPLEMENTED = (
     "enabled in config but not implemented in this version "

@@ -17,8 +17,8 @@ import re
 import ssl
 from dataclasses import dataclass
 
-from relay.addresses import normalize_domain
 from relay.config import PolicyConfig, TlsLevel
+from relay.domains import normalize_domain
 
 
 @dataclass(frozen=True)

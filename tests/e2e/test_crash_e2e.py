@@ -26,8 +26,8 @@ from tests.e2e.test_queue_e2e import (
     settle,
     wait_for,
 )
-from tests.fixtures.postfix import PostfixMx, available, postfix_instance, postfix_mx  # noqa: F401
-from tests.fixtures.relay_proc import RelayFactory, relay  # noqa: F401
+from tests.fixtures.postfix import PostfixMx, available, postfix_instance
+from tests.fixtures.relay_proc import RelayFactory
 
 pytestmark = [
     pytest.mark.e2e,
@@ -55,7 +55,7 @@ def slow_eod_mx(ca: trustme.CA) -> Iterator[PostfixMx]:
         yield mx
 
 
-def test_kill_mid_data_keeps_nothing(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_kill_mid_data_keeps_nothing(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     proc = relay(extra_config=route_to(postfix_mx))
     client = smtplib.SMTP(HOST, proc.starttls_port, timeout=15)
     client.starttls(context=proc.client_context())
@@ -73,7 +73,7 @@ def test_kill_mid_data_keeps_nothing(relay: RelayFactory, postfix_mx: PostfixMx)
     assert settle(postfix_mx) == 0
 
 
-def test_kill_right_after_250(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_kill_right_after_250(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     rcpt = f"a@{DOMAIN}"
     postfix_mx.set_access(rcpt, "450 4.2.0 not yet")  # whatever delivery starts cannot finish
     proc = relay(extra_config=route_to(postfix_mx))
@@ -91,7 +91,7 @@ def test_kill_right_after_250(relay: RelayFactory, postfix_mx: PostfixMx) -> Non
     assert settle(postfix_mx) == 1
 
 
-def test_kill_mid_delivery(relay: RelayFactory, slow_data_mx: PostfixMx) -> None:  # noqa: F811
+def test_kill_mid_delivery(relay: RelayFactory, slow_data_mx: PostfixMx) -> None:
     mx = slow_data_mx
     proc = relay(extra_config=route_to(mx))
     send(proc, "app@corp.test", [f"a@{DOMAIN}"], message("mid delivery"))
@@ -104,7 +104,7 @@ def test_kill_mid_delivery(relay: RelayFactory, slow_data_mx: PostfixMx) -> None
     assert settle(mx) == 1
 
 
-def test_kill_after_mx_accepted(relay: RelayFactory, slow_eod_mx: PostfixMx) -> None:  # noqa: F811
+def test_kill_after_mx_accepted(relay: RelayFactory, slow_eod_mx: PostfixMx) -> None:
     mx = slow_eod_mx
     proc = relay(extra_config=route_to(mx))
     send(proc, "app@corp.test", [f"a@{DOMAIN}"], message("maybe twice"))
@@ -116,7 +116,7 @@ def test_kill_after_mx_accepted(relay: RelayFactory, slow_eod_mx: PostfixMx) -> 
     assert 1 <= count <= 2  # the one case where a duplicate is allowed, never a loss
 
 
-def test_sigterm_drains(relay: RelayFactory, slow_data_mx: PostfixMx) -> None:  # noqa: F811
+def test_sigterm_drains(relay: RelayFactory, slow_data_mx: PostfixMx) -> None:
     """SIGTERM: new sessions are refused at once, the delivery in flight completes
     within queue.shutdown_grace, and the relay exits 0 with the message delivered."""
     mx = slow_data_mx

@@ -26,9 +26,9 @@ import trustme
 
 from tests.e2e.test_queue_e2e import queue_json, wait_for
 from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, _Server
-from tests.fixtures.dns import DnsServer, dns_server_fixture  # noqa: F401
-from tests.fixtures.postfix import MX_NAME, PostfixMx, postfix_mx  # noqa: F401
-from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess, relay  # noqa: F401
+from tests.fixtures.dns import DnsServer
+from tests.fixtures.postfix import MX_NAME, PostfixMx
+from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
 
 pytestmark = [
     pytest.mark.e2e,
@@ -163,8 +163,8 @@ def bad_peer(kind: str, port: int) -> _Server:
 
 
 def test_two_domains_arrive_at_postfix_over_tls(
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
 ) -> None:
@@ -211,8 +211,8 @@ def test_two_domains_arrive_at_postfix_over_tls(
 @pytest.mark.parametrize("kind", ["strip", "none"])
 def test_downgrade_first_mx_skipped_second_gets_the_mail(
     kind: str,
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
     peers: Callable[[_Server], _Server],
@@ -244,8 +244,8 @@ def test_downgrade_first_mx_skipped_second_gets_the_mail(
 @pytest.mark.parametrize("kind", ["strip", "none"])
 def test_downgrade_only_mx_bad_stays_deferred(
     kind: str,
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
     peers: Callable[[_Server], _Server],
@@ -286,8 +286,8 @@ def _dsn_parts(raw: bytes) -> tuple[Message, list[Message]]:
 
 
 def test_null_mx_and_nxdomain_bounce_at_once(
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
 ) -> None:
@@ -342,7 +342,7 @@ def policy_cli(proc: RelayProcess, domain: str) -> subprocess.CompletedProcess[s
 
 
 def test_policy_command_shows_mx_and_level(
-    relay: RelayFactory,  # noqa: F811
+    relay: RelayFactory,
     dns_server: DnsServer,
     ca_file: Path,
 ) -> None:
@@ -370,8 +370,8 @@ def test_policy_command_shows_mx_and_level(
 
 
 def test_verify_refuses_postfix_under_another_mx_name(
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
 ) -> None:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.fixtures.relay_proc import RelayFactory, RelayProcess, relay  # noqa: F401
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = [
     pytest.mark.e2e,
@@ -42,7 +42,7 @@ def queued_id(result: subprocess.CompletedProcess[str]) -> str:
     return match.group(1)
 
 
-def test_starttls_message_spooled_with_headers(relay: RelayFactory) -> None:  # noqa: F811
+def test_starttls_message_spooled_with_headers(relay: RelayFactory) -> None:
     proc = relay()
     data = "Subject: e2e\\nFrom: app@a.test\\n\\nhello from swaks\\n"
     result = swaks(proc, "--to", "Bob@B.Test", "--data", data)
@@ -69,7 +69,7 @@ def test_starttls_message_spooled_with_headers(relay: RelayFactory) -> None:  # 
     assert "session_close client=127.0.0.1" in log and "messages=1" in log
 
 
-def test_implicit_tls_with_auth_from_outside_networks(relay: RelayFactory) -> None:  # noqa: F811
+def test_implicit_tls_with_auth_from_outside_networks(relay: RelayFactory) -> None:
     proc = relay(networks=["10.99.0.0/16"], users={"alice": "correct horse"})
     auth = ["--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "correct horse"]
     result = swaks(proc, "--to", "x@b.test", *auth, implicit=True)
@@ -82,7 +82,7 @@ def test_implicit_tls_with_auth_from_outside_networks(relay: RelayFactory) -> No
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
-def test_auth_over_starttls(relay: RelayFactory, mechanism: str) -> None:  # noqa: F811
+def test_auth_over_starttls(relay: RelayFactory, mechanism: str) -> None:
     proc = relay(networks=[], users={"bob": "hunter2"})
     auth = ["--auth", mechanism, "--auth-user", "bob", "--auth-password", "hunter2"]
     result = swaks(proc, "--to", "x@b.test", *auth)
@@ -90,7 +90,7 @@ def test_auth_over_starttls(relay: RelayFactory, mechanism: str) -> None:  # noq
     queued_id(result)
 
 
-def test_wrong_password_is_535(relay: RelayFactory) -> None:  # noqa: F811
+def test_wrong_password_is_535(relay: RelayFactory) -> None:
     proc = relay(networks=[], users={"bob": "hunter2"})
     auth = ["--auth", "PLAIN", "--auth-user", "bob", "--auth-password", "guess"]
     result = swaks(proc, "--to", "x@b.test", *auth)
@@ -99,7 +99,7 @@ def test_wrong_password_is_535(relay: RelayFactory) -> None:  # noqa: F811
     assert proc.spool().ids() == []
 
 
-def test_plaintext_mail_refused_530(relay: RelayFactory) -> None:  # noqa: F811
+def test_plaintext_mail_refused_530(relay: RelayFactory) -> None:
     proc = relay()
     result = swaks(proc, "--to", "x@b.test", tls=False)
     assert result.returncode == 23, result.stdout  # swaks: error in MAIL transaction
@@ -107,7 +107,7 @@ def test_plaintext_mail_refused_530(relay: RelayFactory) -> None:  # noqa: F811
     assert proc.spool().ids() == []
 
 
-def test_auth_offered_only_inside_tls(relay: RelayFactory) -> None:  # noqa: F811
+def test_auth_offered_only_inside_tls(relay: RelayFactory) -> None:
     proc = relay(networks=[], users={"bob": "hunter2"})
     result = swaks(proc, "--quit-after", "EHLO", tls=False)
     assert "STARTTLS" in result.stdout and "AUTH" not in result.stdout
@@ -115,21 +115,21 @@ def test_auth_offered_only_inside_tls(relay: RelayFactory) -> None:  # noqa: F81
     assert "AUTH LOGIN PLAIN" in result.stdout
 
 
-def test_unauthenticated_relay_from_outside_refused(relay: RelayFactory) -> None:  # noqa: F811
+def test_unauthenticated_relay_from_outside_refused(relay: RelayFactory) -> None:
     proc = relay(networks=["10.99.0.0/16"], users={"bob": "hunter2"})
     result = swaks(proc, "--to", "x@b.test")
     assert result.returncode == 24, result.stdout  # swaks: no RCPTs accepted
     assert "530 5.7.0 Authentication required" in result.stdout
 
 
-def test_default_deny_without_networks_and_users(relay: RelayFactory) -> None:  # noqa: F811
+def test_default_deny_without_networks_and_users(relay: RelayFactory) -> None:
     proc = relay(networks=[])
     result = swaks(proc, "--to", "x@b.test")
     assert result.returncode == 24, result.stdout
     assert "554 5.7.1 Relay access denied" in result.stdout
 
 
-def test_oversize_message_552(relay: RelayFactory) -> None:  # noqa: F811
+def test_oversize_message_552(relay: RelayFactory) -> None:
     proc = relay(limits={"max_message_size": "2KiB"})
     result = swaks(proc, "--to", "x@b.test", "--body", "z" * 70 + "\\n" + ("y" * 76 + "\\n") * 60)
     assert result.returncode == 26, result.stdout  # swaks: mail not accepted after DATA
@@ -138,7 +138,7 @@ def test_oversize_message_552(relay: RelayFactory) -> None:  # noqa: F811
     assert proc.spool().ids() == []
 
 
-def test_too_many_recipients_452_keeps_the_rest(relay: RelayFactory) -> None:  # noqa: F811
+def test_too_many_recipients_452_keeps_the_rest(relay: RelayFactory) -> None:
     proc = relay(limits={"max_recipients": 2})
     result = swaks(proc, "--to", "one@b.test,two@c.test,three@d.test")
     assert "452 4.5.3 Too many recipients" in result.stdout
@@ -146,7 +146,7 @@ def test_too_many_recipients_452_keeps_the_rest(relay: RelayFactory) -> None:  #
     assert [r.address for r in env.recipients] == ["one@b.test", "two@c.test"]
 
 
-def test_sigterm_exits_zero(relay: RelayFactory) -> None:  # noqa: F811
+def test_sigterm_exits_zero(relay: RelayFactory) -> None:
     proc = relay()
     assert proc.stop() == 0
     log = proc.log_text()

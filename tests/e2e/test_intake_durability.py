@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import TMP_PREFIX
-from tests.fixtures.relay_proc import RelayFactory, RelayProcess, relay  # noqa: F401
+from relay.safeio import TMP_PREFIX
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = pytest.mark.e2e
 HOST = "127.0.0.1"
@@ -41,7 +41,7 @@ def leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if p.name.startswith(TMP_PREFIX))
 
 
-def test_kill9_right_after_250_keeps_the_message(relay: RelayFactory) -> None:  # noqa: F811
+def test_kill9_right_after_250_keeps_the_message(relay: RelayFactory) -> None:
     proc = relay()
     qid = send(proc)
     proc.kill9()  # no shutdown handling at all: the 250 must already mean "on disk"
@@ -54,7 +54,7 @@ def test_kill9_right_after_250_keeps_the_message(relay: RelayFactory) -> None:  
     assert leftovers(proc.spool_dir) == []
 
 
-def test_kill9_under_load_loses_nothing_acknowledged(relay: RelayFactory) -> None:  # noqa: F811
+def test_kill9_under_load_loses_nothing_acknowledged(relay: RelayFactory) -> None:
     proc = relay()
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -102,7 +102,7 @@ def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
 
 
 def test_message_bigger_than_the_disk_is_452_and_leaves_nothing(
-    relay: RelayFactory,  # noqa: F811
+    relay: RelayFactory,
 ) -> None:
     proc = relay(start=False)
     with tiny_tmpfs(proc.spool_dir / "queue"):
@@ -121,7 +121,7 @@ def test_message_bigger_than_the_disk_is_452_and_leaves_nothing(
     assert "spool_failed" in proc.log_text()
 
 
-def test_full_disk_is_452_and_leaves_only_what_was_there(relay: RelayFactory) -> None:  # noqa: F811
+def test_full_disk_is_452_and_leaves_only_what_was_there(relay: RelayFactory) -> None:
     proc = relay(start=False)
     with tiny_tmpfs(proc.spool_dir / "queue") as queue_dir:
         filler = queue_dir / ".filler"  # a dot-name: not a message to the spool

@@ -14,13 +14,13 @@ from tests.fixtures.rawsmtp import (
     session,
     smuggling_payload,
 )
-from tests.fixtures.relay_proc import RelayFactory, relay  # noqa: F401
+from tests.fixtures.relay_proc import RelayFactory
 
 pytestmark = pytest.mark.e2e
 HOST = "127.0.0.1"
 
 
-def test_every_smuggling_variant_yields_one_message(relay: RelayFactory) -> None:  # noqa: F811
+def test_every_smuggling_variant_yields_one_message(relay: RelayFactory) -> None:
     proc = relay()
     spool = proc.spool()
     for number, variant in enumerate(SMUGGLING_VARIANTS, start=1):
@@ -35,7 +35,7 @@ def test_every_smuggling_variant_yields_one_message(relay: RelayFactory) -> None
         assert b"smuggled" not in spool.read_data(qid)
 
 
-def test_starttls_injection_is_discarded(relay: RelayFactory) -> None:  # noqa: F811
+def test_starttls_injection_is_discarded(relay: RelayFactory) -> None:
     proc = relay()
     with RawSMTP(HOST, proc.starttls_port) as raw:
         raw.greet()
@@ -48,7 +48,7 @@ def test_starttls_injection_is_discarded(relay: RelayFactory) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("implicit", [False, True])
-def test_second_starttls_is_503(relay: RelayFactory, implicit: bool) -> None:  # noqa: F811
+def test_second_starttls_is_503(relay: RelayFactory, implicit: bool) -> None:
     proc = relay()
     port = proc.implicit_port if implicit else proc.starttls_port
     with session(HOST, port, proc.client_context(), implicit=implicit) as raw:
@@ -56,7 +56,7 @@ def test_second_starttls_is_503(relay: RelayFactory, implicit: bool) -> None:  #
         assert raw.cmd("NOOP")[0] == 250
 
 
-def test_bare_lf_rejected_550(relay: RelayFactory) -> None:  # noqa: F811
+def test_bare_lf_rejected_550(relay: RelayFactory) -> None:
     proc = relay()
     with session(HOST, proc.starttls_port, proc.client_context()) as raw:
         raw.send(b"MAIL FROM:<a@a.test>\r\nRCPT TO:<b@b.test>\r\nDATA\r\n")
@@ -68,7 +68,7 @@ def test_bare_lf_rejected_550(relay: RelayFactory) -> None:  # noqa: F811
     assert proc.spool().ids() == []
 
 
-def test_declared_size_too_big_552_at_mail(relay: RelayFactory) -> None:  # noqa: F811
+def test_declared_size_too_big_552_at_mail(relay: RelayFactory) -> None:
     proc = relay(limits={"max_message_size": "4KiB"})
     message = b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n" * 0 + (b"y" * 76 + b"\r\n") * 100
     with smtplib.SMTP(HOST, proc.starttls_port, timeout=15) as client:
@@ -79,7 +79,7 @@ def test_declared_size_too_big_552_at_mail(relay: RelayFactory) -> None:  # noqa
     assert refused.value.smtp_error.startswith(b"5.3.4")
 
 
-def test_pipelined_transactions_each_spooled(relay: RelayFactory) -> None:  # noqa: F811
+def test_pipelined_transactions_each_spooled(relay: RelayFactory) -> None:
     proc = relay()
     one = b"MAIL FROM:<a@a.test>\r\nRCPT TO:<b@b.test>\r\nDATA\r\nSubject: p\r\n\r\nbody\r\n.\r\n"
     with session(HOST, proc.starttls_port, proc.client_context()) as raw:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.fixtures.postfix import PostfixMx, postfix_mx  # noqa: F401
-from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess, relay  # noqa: F401
+from tests.fixtures.postfix import PostfixMx
+from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
 
 T = TypeVar("T")
 DOMAIN = "postfix.test"
@@ -87,7 +87,7 @@ pytestmark = [
 ]
 
 
-def test_deferred_then_retry(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_deferred_then_retry(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     rcpt = f"later@{DOMAIN}"
     postfix_mx.set_access(rcpt, "450 4.2.0 come back later")
     proc = relay(extra_config=route_to(postfix_mx))
@@ -113,7 +113,7 @@ def test_deferred_then_retry(relay: RelayFactory, postfix_mx: PostfixMx) -> None
     assert proc.stop() == 0
 
 
-def test_bounce_dsn_over_tls(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_bounce_dsn_over_tls(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     postfix_mx.set_access(f"gone@{DOMAIN}", "550 5.1.1 no such user")
     proc = relay(extra_config=route_to(postfix_mx))
     sender = f"app@{DOMAIN}"  # the DSN goes back to the sender, through the same MX
@@ -134,7 +134,7 @@ def test_bounce_dsn_over_tls(relay: RelayFactory, postfix_mx: PostfixMx) -> None
     wait_for(lambda: queue_json(proc) == [] or None, "the queue to empty")
 
 
-def test_hold_release_delete(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_hold_release_delete(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     rcpt = f"held@{DOMAIN}"
     postfix_mx.set_access(rcpt, "450 4.2.0 not yet")
     proc = relay(extra_config=route_to(postfix_mx))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_queue_e2e import DOMAIN, message, queue, queue_json, route_to, send, wait_for
-from tests.fixtures.postfix import PostfixMx, postfix_mx  # noqa: F401
-from tests.fixtures.relay_proc import RelayFactory, RelayProcess, relay  # noqa: F401
+from tests.fixtures.postfix import PostfixMx
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postfix]
 
@@ -34,7 +34,7 @@ def workers_of(proc: RelayProcess) -> list[int]:
     return sorted(found)
 
 
-def start_two(relay: RelayFactory, mx: PostfixMx) -> RelayProcess:  # noqa: F811
+def start_two(relay: RelayFactory, mx: PostfixMx) -> RelayProcess:
     proc = relay(extra_config={**route_to(mx), "workers": 2})
     proc.wait_log("workers_started count=2")
     wait_for(lambda: len(workers_of(proc)) == 2 or None, "two worker processes")
@@ -42,8 +42,8 @@ def start_two(relay: RelayFactory, mx: PostfixMx) -> RelayProcess:  # noqa: F811
 
 
 def test_two_workers_accept_deliver_and_stop(
-    relay: RelayFactory,  # noqa: F811
-    postfix_mx: PostfixMx,  # noqa: F811
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
 ) -> None:
     proc = start_two(relay, postfix_mx)
     rcpts = [f"w{n}@{DOMAIN}" for n in range(12)]
@@ -59,7 +59,7 @@ def test_two_workers_accept_deliver_and_stop(
     assert log.count("relay_started") == 2 and "workers_stopped status=0" in log
 
 
-def test_kick_reaches_every_worker(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_kick_reaches_every_worker(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     """A deferred message is rescanned by the worker whose shard it is in; `queue retry`
     kicks all of them, so it goes out whichever worker owns it."""
     later = [f"later{n}@{DOMAIN}" for n in range(4)]
@@ -89,7 +89,7 @@ def test_kick_reaches_every_worker(relay: RelayFactory, postfix_mx: PostfixMx) -
     assert proc.stop() == 0
 
 
-def test_a_dead_worker_is_replaced(relay: RelayFactory, postfix_mx: PostfixMx) -> None:  # noqa: F811
+def test_a_dead_worker_is_replaced(relay: RelayFactory, postfix_mx: PostfixMx) -> None:
     proc = start_two(relay, postfix_mx)
     victim = workers_of(proc)[0]
     os.kill(victim, signal.SIGKILL)

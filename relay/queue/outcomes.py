@@ -1,0 +1,251 @@
+"""One delivery pass over one message, and what each recipient's outcome makes of it.
+
+Role: hand a message's due recipients to the deliverer, one destination domain at a
+time (concurrently, within the scheduler's slots), and turn every
+:class:`~relay.delivery.outcome.Outcome` into durable spool state at once: delivered,
+deferred until the next attempt from :mod:`relay.queue.retry`, or bounced with an
+RFC 3464 DSN (:mod:`relay.queue.bounce`) that is stored, as a new message from
+``<>``, before the recipients are marked.  The order of those writes is what makes a
+crash safe: a DSN may be sent twice, never zero times; a recipient the MX accepted
+is recorded before the pass goes on.
+Not: when a message is due or which process handles it (relay.queue.scheduler),
+SMTP (relay.delivery), or the DSN's format (relay.queue.bounce).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from relay.config import QueueConfig
+from relay.delivery.outcome import Outcome, Status
+from relay.errors import SpoolError
+from relay.log import event
+from relay.metrics import Metrics
+from relay.queue import bounce, retry
+from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, RcptState, Recipient
+from relay.queue.spool import Spool
+
+log = logging.getLogger("relay.scheduler")
+
+T = TypeVar("T")
+
+
+class DelivererLike(Protocol):
+    """relay.delivery.deliverer.Deliverer as the queue uses it."""
+
+    async def deliver(
+        self,
+        queue_id: str,
+        sender: str,
+        mail_options: Sequence[str],
+        domain: str,
+        recipients: Sequence[tuple[str, Sequence[str]]],
+        data: bytes,
+    ) -> Sequence[Outcome]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What every pass of one scheduler shares."""
+
+    spool: Spool
+    deliverer: DelivererLike
+    cfg: QueueConfig
+    hostname: str
+    clock: Callable[[], float]
+    rand: random.Random
+    metrics: Metrics
+    slots: asyncio.Semaphore  # concurrent domain deliveries, across messages
+    enqueue: Callable[[str], None]  # a stored DSN is a new message
+
+
+@dataclass
+class DeliveryPass:
+    """One pass over one message; call :meth:`run` with its message locked."""
+
+    ctx: PassContext
+    env: QueueEnvelope
+    data: bytes
+    guard: asyncio.Lock = field(default_factory=asyncio.Lock)  # apply + write, per domain
+    to_bounce: list[Recipient] = field(default_factory=list)
+    write_failed: bool = False
+
+    async def run(self, due: list[Recipient]) -> None:
+        """Deliver *due*, record every outcome, store DSNs and a delay warning."""
+        domains = _by_domain(due)
+        if len(domains) == 1:  # the common case: no task group needed
+            await self._deliver_domain(*next(iter(domains.items())))
+        else:
+            async with asyncio.TaskGroup() as group:
+                for domain, rcpts in domains.items():
+                    group.create_task(self._deliver_domain(domain, rcpts))
+        await self._finish()
+
+    async def _deliver_domain(self, domain: str, rcpts: list[Recipient]) -> None:
+        async with self.ctx.slots:
+            outcomes = await self._call_deliverer(domain, rcpts)
+        async with self.guard:
+            now = self.ctx.clock()
+            for rcpt, outcome in zip(rcpts, outcomes, strict=True):
+                self._apply(rcpt, outcome, now)
+            if self.env.done and not self.to_bounce:
+                return  # removing the message right after is the durable record
+            try:  # durable at once: a restart never re-sends to these recipients
+                await off_loop(self.ctx.spool.update, self.env)
+            except SpoolError as exc:
+                self.write_failed = True
+                event(
+                    log,
+                    "queue_write_failed",
+                    level=logging.ERROR,
+                    queue_id=self.env.id,
+                    domain=domain,
+                    error=exc,
+                )
+
+    async def _call_deliverer(self, domain: str, rcpts: list[Recipient]) -> list[Outcome]:
+        env = self.env
+        try:
+            got = await self.ctx.deliverer.deliver(
+                env.id,
+                env.sender,
+                env.mail_options,
+                domain,
+                [(r.address, r.options) for r in rcpts],
+                self.data,
+            )
+        except Exception as exc:  # a delivery bug defers, it never loses or bounces mail
+            event(
+                log,
+                "delivery_error",
+                level=logging.ERROR,
+                queue_id=env.id,
+                domain=domain,
+                error=repr(exc),
+            )
+            got = []
+        if len(got) == len(rcpts):
+            return list(got)  # one per recipient, same order (the delivery contract)
+        by_address = {o.recipient: o for o in got}
+        missing = "local error: delivery gave no outcome"
+        return [
+            by_address.get(r.address, Outcome(r.address, Status.TRANSIENT, missing)) for r in rcpts
+        ]
+
+    def _apply(self, rcpt: Recipient, outcome: Outcome, now: float) -> None:
+        o = outcome
+        rcpt.attempts += 1
+        rcpt.record(
+            Attempt(now, AttemptOutcome(o.status), o.reason, o.mx_host, o.mx_ip, o.tls, o.reply)
+        )
+        if o.status is Status.DELIVERED:
+            rcpt.state = RcptState.DELIVERED
+        elif o.status is Status.PERMANENT:
+            self.to_bounce.append(rcpt)  # marked bounced in _finish, after its DSN is stored
+            return
+        else:
+            jitter = self.ctx.rand.uniform(-1.0, 1.0)
+            nxt = retry.next_attempt(rcpt.attempts, self.env.created, now, self.ctx.cfg, jitter)
+            if nxt is None:  # RFC 5321 4.5.4.1: out of lifetime, give up
+                why = f"delivery time expired; last error: {outcome.reason}"
+                rcpt.record(Attempt(at=now, outcome=AttemptOutcome.EXPIRED, reason=why))
+                self.to_bounce.append(rcpt)
+                return
+            rcpt.state, rcpt.next_attempt = RcptState.DEFERRED, nxt
+        self._log_state(self.env, rcpt, outcome.mx_host)
+
+    async def _finish(self) -> None:
+        """Bounces (DSN stored before the recipients are marked), delay warning."""
+        env, now = self.env, self.ctx.clock()
+        if self.to_bounce:
+            # Store the DSN first: a crash between the two writes may send it twice,
+            # never zero times.
+            await self._notify(self.to_bounce, bounce.DsnKind.FAILED, now)
+            for rcpt in self.to_bounce:
+                rcpt.state = RcptState.BOUNCED
+                self._log_state(env, rcpt, None)
+            await off_loop(self.ctx.spool.update, env)
+        if retry.warning_due(env.created, now, self.ctx.cfg, env.warned):
+            late = [r for r in env.recipients if r.state is RcptState.DEFERRED]
+            await self._notify(late, bounce.DsnKind.DELAYED, now)
+            env.warned = True
+            await off_loop(self.ctx.spool.update, env)
+        if self.write_failed:  # one more try to record every outcome; raises if it fails
+            await off_loop(self.ctx.spool.update, env)
+
+    async def _notify(self, rcpts: list[Recipient], kind: bounce.DsnKind, now: float) -> None:
+        env = self.env
+        wanted = [r for r in rcpts if bounce.wants_notice(r, kind)]
+        if not wanted:
+            return
+        if not env.sender or env.bounce:  # RFC 5321 4.5.5 / RFC 3464: never bounce a bounce
+            event(log, "dsn_suppressed", queue_id=env.id, kind=kind, reason="null sender")
+            return
+        until = (
+            retry.expires_at(env.created, self.ctx.cfg) if kind is bounce.DsnKind.DELAYED else None
+        )
+        new_id = self.ctx.spool.new_id()
+        dsn_env, blob = bounce.dsn_message(
+            env, wanted, self.ctx.hostname, now, self.data, kind, new_id, until
+        )
+        await off_loop(self.ctx.spool.store, dsn_env, blob)
+        event(
+            log,
+            "dsn_queued",
+            queue_id=env.id,
+            dsn_id=new_id,
+            kind=kind,
+            to=env.sender,
+            recipients=",".join(r.address for r in wanted),
+        )
+        if kind is bounce.DsnKind.FAILED:
+            self.ctx.metrics.bounces.inc()
+        self.ctx.enqueue(new_id)
+
+    def _log_state(self, env: QueueEnvelope, rcpt: Recipient, mx: str | None) -> None:
+        nxt = rcpt.next_attempt if rcpt.state is RcptState.DEFERRED else None
+        self.ctx.metrics.deliveries.inc(outcome=str(rcpt.state))  # delivered|deferred|bounced
+        if rcpt.state is RcptState.DELIVERED:
+            return  # the deliverer's line (outcome=delivered, MX, TLS) is the record
+        event(
+            log,
+            "queue_state",
+            queue_id=env.id,
+            recipient=rcpt.address,
+            state=rcpt.state,
+            attempts=rcpt.attempts,
+            next_in=None if nxt is None else round(nxt - self.ctx.clock()),
+            mx=mx,
+            reason=rcpt.last_reason,
+        )
+
+    # -- control socket -----------------------------------------------------------
+
+
+def due_recipients(env: QueueEnvelope, now: float) -> list[Recipient]:
+    return [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
+
+
+def _by_domain(rcpts: list[Recipient]) -> dict[str, list[Recipient]]:
+    groups: dict[str, list[Recipient]] = {}
+    for rcpt in rcpts:
+        groups.setdefault(rcpt.address.rpartition("@")[2].lower(), []).append(rcpt)
+    return groups
+
+
+async def off_loop(fn: Callable[..., T], *args: object) -> T:
+    """Run blocking spool I/O in a thread.  If we are cancelled meanwhile, wait for
+    the thread anyway, so the message lock is never released mid-write."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise

@@ -1,0 +1,143 @@
+"""relay.intake.message: bare CR/LF/NUL checks and header surgery on bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.intake.message import (
+    ReceivedInfo,
+    check_data,
+    header_block_end,
+    header_names,
+    prepare,
+    received_field,
+)
+from relay.intake.replies import BARE_NEWLINE
+from relay.mailformat import format_date
+
+NOW = 1_704_164_645.0  # Tue, 02 Jan 2024 03:04:05 +0000
+INFO = ReceivedInfo(
+    hostname="relay.example",
+    queue_id="18C6B0F1A2B3C4D5E6",
+    client_ip="192.0.2.7",
+    helo="app.example",
+    tls_version="TLSv1.3",
+    tls_cipher="TLS_AES_256_GCM_SHA384",
+    tls_bits=256,
+    authenticated=False,
+    recipients=("bob@example.org",),
+    now=NOW,
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"a\r\n", b"Subject: x\r\n\r\nbody\r\n", b"\r\n\r\n", b"8bit \xc3\xa4\r\n"],
+)
+def test_crlf_only_is_accepted(data: bytes) -> None:
+    assert check_data(data) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"a\nb\r\n",
+        b"a\rb\r\n",
+        b"a\r\n\n",
+        b"a\r\r\n",
+        b"nul\x00\r\n",
+        b"end\n",
+        b"end\r",
+        b"\n.\n",
+        b"\r\n\x00.\r\n",
+    ],
+)
+def test_bare_cr_lf_nul_rejected(data: bytes) -> None:
+    assert check_data(data) is BARE_NEWLINE
+    assert str(BARE_NEWLINE).startswith("550 5.6.0 ")
+
+
+@given(st.binary(max_size=200))
+def test_check_data_matches_a_line_by_line_definition(data: bytes) -> None:
+    stripped = data.replace(b"\r\n", b"")
+    clean = b"\r" not in stripped and b"\n" not in stripped and b"\x00" not in data
+    assert (check_data(data) is None) == clean
+
+
+def test_format_date() -> None:
+    assert format_date(NOW) == "Tue, 02 Jan 2024 03:04:05 +0000"
+
+
+def test_received_field_layout() -> None:
+    assert received_field(INFO) == (
+        b"Received: from app.example (unknown [192.0.2.7])\r\n"
+        b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+        b"\tby relay.example (tls-relay) with ESMTPS id 18C6B0F1A2B3C4D5E6\r\n"
+        b"\tfor <bob@example.org>; Tue, 02 Jan 2024 03:04:05 +0000\r\n"
+    )
+
+
+def test_received_field_variants() -> None:
+    info = dataclasses.replace(
+        INFO,
+        client_ip="2001:db8::1",
+        helo="evil (x)\\",
+        authenticated=True,
+        recipients=("a@x", "b@y"),
+    )
+    field = received_field(info).decode()
+    assert field.startswith("Received: from evil??x?? (unknown [IPv6:2001:db8::1])")
+    assert "with ESMTPSA id" in field and "for <" not in field  # no Bcc disclosure
+    assert field.endswith("18C6B0F1A2B3C4D5E6; Tue, 02 Jan 2024 03:04:05 +0000\r\n")
+    assert all(len(line) < 100 for line in field.split("\r\n"))
+    assert received_field(dataclasses.replace(INFO, helo=None)).startswith(
+        b"Received: from unknown "
+    )
+
+
+def test_header_block() -> None:
+    data = b"Subject: a\r\nX-Long: one\r\n two\r\n\r\nDate: in the body\r\n"
+    assert header_block_end(data) == (data.index(b"\r\n\r\n") + 2, True)
+    assert header_names(data) == {"subject", "x-long"}
+    assert header_block_end(b"no header here\r\n") == (0, False)
+    assert header_block_end(b"Subject: only\r\n") == (15, False)
+    assert header_names(b"MESSAGE-id : <x@y>\r\n\r\n") == {"message-id"}
+
+
+def test_prepare_adds_missing_headers_in_the_header_block() -> None:
+    data = b"Subject: hi\r\n\r\nMessage-ID: <in-body@x>\r\nDate: body\r\n"
+    out = prepare(data, INFO)
+    received = received_field(INFO)
+    assert out.startswith(received)
+    head, body = out[len(received) :].split(b"\r\n\r\n", 1)
+    assert head == (
+        b"Subject: hi\r\nMessage-ID: <18C6B0F1A2B3C4D5E6@relay.example>\r\n"
+        b"Date: Tue, 02 Jan 2024 03:04:05 +0000"
+    )
+    assert body == b"Message-ID: <in-body@x>\r\nDate: body\r\n"
+
+
+def test_prepare_keeps_existing_headers_case_insensitively() -> None:
+    data = b"message-ID: <own@x>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n"
+    assert prepare(data, INFO) == received_field(INFO) + data
+
+
+def test_prepare_without_header_block() -> None:
+    out = prepare(b"just text\r\n", INFO)
+    tail = out[len(received_field(INFO)) :]
+    assert tail.startswith(b"Message-ID: <") and tail.endswith(b"\r\n\r\njust text\r\n")
+    empty = prepare(b"", INFO)[len(received_field(INFO)) :]
+    assert empty.startswith(b"Message-ID: ") and empty.endswith(b"+0000\r\n")
+
+
+@given(st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")))
+def test_prepare_only_adds(data: bytes) -> None:
+    out = prepare(data, INFO)
+    assert out.startswith(received_field(INFO))
+    assert check_data(out) is None or check_data(data) is not None
+    assert data.replace(b"\r\n", b"") in out.replace(b"\r\n", b"") or not data
+    assert len(out) >= len(data)
