@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {cert} and {key} (ECDSA P-256, SAN {args.hostname})")
         return 0
     path = config_path(args)
+    if cmd in ("serve", "check-config"):
+        from relay import internals
+
+        internals.require()  # a library without what we borrow: stop now, say why
     if cmd == "check-config":
         cfg = configmod.load(path)
         print(configmod.summary(cfg))
