@@ -90,6 +90,7 @@ class App:
             spool=self.spool.root,
             users=len(self.users) if self.users is not None else None,
             metrics=self.metrics_server.address if self.metrics_server else None,
+            loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop|asyncio
         )
 
     async def stop(self) -> None:

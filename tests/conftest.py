@@ -4,12 +4,14 @@ helper types it uses."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trustme
+import uvloop
 
 pytest_plugins = [
     "tests.fixtures.dns",  # dns_server: authoritative DNS on loopback
@@ -53,3 +55,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if any(marker in reason for marker in REAL_PEER_SKIPS):
             report.outcome = "failed"
             report.longrepr = f"real-peer test skipped in CI: {reason}"
+
+
+# The relay runs on uvloop (`serve`'s default) and can run on the standard loop
+# (TLS_RELAY_LOOP=asyncio).  Tests of the in-process listener and of delivery run on
+# both, so a difference between the loops (a transport that is not an
+# asyncio.Transport, a callback that never comes) cannot hide again.
+BOTH_LOOPS = ("tests/intake/", "tests/delivery/")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if any(part in item.nodeid for part in BOTH_LOOPS):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import BOGUS_LIMIT, SMTP, TLSSetupException
 
@@ -184,8 +184,10 @@ class CommandLoop(SMTP):
     def _write_raw(self, data: bytes) -> None:
         """Write outside the command loop (timeouts, shutdown), after held replies."""
         data, self._out = b"".join(self._out) + data, []
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        # Not isinstance(asyncio.WriteTransport): uvloop's transports are not subclasses,
+        # and that check once silently dropped every timeout and shutdown 421 on uvloop.
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(data)
 
     async def reply(self, reply: Reply) -> None:

@@ -110,9 +110,10 @@ class RelaySMTP(CommandLoop):
         self._addr = client_address(self.peer[0])
         if self.shutdown_requested or not self.settings.gate.admit(self._addr):
             self._refused = True
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
-            transport.close()
+            # Not isinstance(asyncio.Transport): uvloop's transports are not subclasses.
+            writer = cast(asyncio.WriteTransport, transport)
+            writer.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
+            writer.close()
             event(log, "session_refused", client=self.peer[0], reason="connection limit")
             return
         self._admitted = True
@@ -142,11 +143,15 @@ class RelaySMTP(CommandLoop):
         )
         super().connection_lost(error)
 
-    def eof_received(self) -> bool | None:
-        if not self._admitted:  # refused at connection_made: aiosmtpd never set up
-            return False
-        result: bool | None = super().eof_received()
-        return result
+    def eof_received(self) -> bool:
+        """The client closed its side: the session is over.  aiosmtpd cancels the
+        command loop here and asks to keep the transport half open; on uvloop the EOF
+        can arrive before the loop's task first ran, so nobody would ever close the
+        transport and the connection slot stayed taken.  False: the transport closes
+        now, connection_lost follows and frees the slot."""
+        if self._admitted:  # refused at connection_made: aiosmtpd never set up
+            super().eof_received()
+        return False
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")

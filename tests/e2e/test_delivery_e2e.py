@@ -33,7 +33,7 @@ from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.postfix,
-    pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed"),
+    pytest.mark.skipif(shutil.which("swaks") is None, reason="needs Debian's swaks"),
 ]
 
 BAD_HOST = "127.0.0.2"  # attack peers; Postfix listens on 127.0.0.1 only

@@ -16,7 +16,7 @@ from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed"),
+    pytest.mark.skipif(shutil.which("swaks") is None, reason="needs Debian's swaks"),
 ]
 
 QUEUED = re.compile(r"<~\s+250 2\.0\.0 Ok: queued as ([0-9A-F]+)")

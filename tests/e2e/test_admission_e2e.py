@@ -1,0 +1,74 @@
+"""End to end on the production event loop: `tls-relay serve` (uvloop, its default).
+
+Admission and the 421s a client must see: over a connection cap, after an idle
+timeout, at SIGTERM; and a client that connects and leaves at once never keeps its
+slot.  These once failed only on uvloop (a transport type check dropped the 421s; an
+EOF that arrived before the session's task ran kept the slot), which the in-process
+tests, then on the standard loop only, could not see.  Only 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.fixtures.rawsmtp import RawSMTP
+from tests.fixtures.relay_proc import HOST, RelayFactory, RelayProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def _no_tracebacks(proc: RelayProcess) -> None:
+    text = proc.log_text()
+    assert "Traceback" not in text and "AssertionError" not in text, text[-3000:]
+
+
+def test_serve_runs_on_uvloop(relay: RelayFactory) -> None:
+    proc = relay()
+    proc.wait_log("relay_started")
+    assert "loop=uvloop" in proc.log_text()
+
+
+def test_over_the_per_ip_cap_a_client_gets_421(relay: RelayFactory) -> None:
+    proc = relay(limits={"max_connections_per_ip": 2, "max_connections": 10})
+    with RawSMTP(HOST, proc.starttls_port) as one, RawSMTP(HOST, proc.starttls_port) as two:
+        assert one.greet()[0] == 220 and two.greet()[0] == 220
+        with RawSMTP(HOST, proc.starttls_port) as three:
+            assert three.greet() == (421, "4.7.0 Too many connections, try again later")
+    _no_tracebacks(proc)
+
+
+def test_connect_and_close_never_keeps_a_slot(relay: RelayFactory) -> None:
+    proc = relay(limits={"max_connections_per_ip": 1, "max_connections": 10})
+    for _ in range(20):
+        socket.create_connection((HOST, proc.starttls_port), timeout=5).close()
+    code = 0
+    for _ in range(50):  # bounded: 5 s for the relay to see the closes
+        with RawSMTP(HOST, proc.starttls_port) as raw:
+            code = raw.greet()[0]
+        if code == 220:
+            break
+        time.sleep(0.1)
+    assert code == 220
+    _no_tracebacks(proc)
+
+
+def test_an_idle_client_gets_421_at_the_command_timeout(relay: RelayFactory) -> None:
+    proc = relay(limits={"command_timeout": "1s"})
+    with RawSMTP(HOST, proc.starttls_port) as raw:
+        assert raw.greet()[0] == 220
+        started = time.monotonic()
+        assert raw.reply() == (421, "4.4.2 Timeout, closing connection")
+        assert time.monotonic() - started < 8
+    _no_tracebacks(proc)
+
+
+def test_sigterm_sends_421_to_connected_clients(relay: RelayFactory) -> None:
+    proc = relay()
+    with RawSMTP(HOST, proc.starttls_port) as raw:
+        assert raw.greet()[0] == 220
+        assert raw.cmd("EHLO app.test")[0] == 250
+        assert proc.stop() == 0
+        assert raw.reply() == (421, "4.3.2 Service shutting down, closing connection")
