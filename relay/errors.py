@@ -48,3 +48,7 @@ class UsersFileError(RelayError):
 
 class CertificateError(RelayError):
     """A certificate or key could not be generated, read or paired."""
+
+
+class InvalidDomain(RelayError, ValueError):
+    """A name that is not a valid domain under IDNA 2008 / UTS #46 (relay.domains)."""

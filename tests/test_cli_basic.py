@@ -106,3 +106,19 @@ def test_passwd_without_users_file_in_config(tmp_path: Path) -> None:
     proc = run("passwd", "alice", "-c", str(path), stdin="pw\n")
     assert proc.returncode == 1
     assert "clients.users_file: required key is missing" in proc.stderr
+
+
+def test_policy_refuses_an_invalid_domain_and_shows_the_normal_form(
+    tmp_path: Path, server_cert: tuple[Path, Path]
+) -> None:
+    path = good_config(tmp_path, server_cert)
+    doc = yaml.safe_load(path.read_text())
+    doc["delivery"] = {"routes": [{"domains": ["xn--bcher-kva.test"], "via": "[127.0.0.1]:2525"}]}
+    path.write_text(yaml.safe_dump(doc))
+    bad = run("policy", "xn--zz.test", "-c", str(path))
+    assert bad.returncode == 1
+    assert "'xn--zz.test' is not a valid domain name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    good = run("policy", "BÜCHER.test", "-c", str(path))  # routed: no DNS lookup
+    assert good.returncode == 0, good.stderr
+    assert "domain: xn--bcher-kva.test" in good.stdout

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from relay.config import units
-from relay.domains import is_dns_name
+from relay.domains import Domain, is_dns_name, normalize_domain
+from relay.errors import InvalidDomain
 
 MISSING: Any = object()  # "no value": key absent, file unreadable, nothing to show
 _TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -243,20 +244,33 @@ def network(ctx: Ctx, where: str, raw: Any) -> ipaddress.IPv4Network | ipaddress
 
 
 def domain_list(ctx: Ctx, where: str, raw: Any, nonempty: bool = False) -> tuple[str, ...] | None:
-    """Lower-cased domain names; a leading '.' means any subdomain."""
+    """Domain names in their normal form (relay.domains, so ``bücher.test`` is
+    ``xn--bcher-kva.test``); a leading '.' means any subdomain."""
     items = entries(ctx, where, raw, nonempty)
     if items is None:
         return None
     result: list[str] = []
     for i, item in enumerate(items):
-        name = item.lower().rstrip(".") if isinstance(item, str) else ""
-        if not is_dns_name(name.removeprefix(".")):
+        dot = "." if isinstance(item, str) and item.startswith(".") else ""
+        name = domain(item.removeprefix(".") if isinstance(item, str) else item)
+        if name is None:
             ctx.add(
                 f"{where}[{i}]", "must be a domain name such as example.com or .example.com", item
             )
         else:
-            result.append(name)
+            result.append(dot + name)
     return tuple(result) if len(result) == len(items) else None
+
+
+def domain(raw: Any) -> Domain | None:
+    """*raw* as a Domain (IDNA A-labels, lower case), or None if it is not one."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        name = normalize_domain(raw)
+    except InvalidDomain:
+        return None
+    return name if is_dns_name(name) else None
 
 
 # --- files ------------------------------------------------------------------

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.domains import Domain
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 KIB = 1024
@@ -111,7 +113,7 @@ class RouteAuth:
 
 @dataclass(frozen=True)
 class Route:
-    domains: tuple[str, ...]  # lower-case; ".example.com" matches subdomains
+    domains: tuple[str, ...]  # normalised (relay.domains); ".example.com" matches subdomains
     host: str
     port: int
     implicit_tls: bool = False
@@ -147,12 +149,11 @@ class PolicyConfig:
     default: DomainPolicy = DomainPolicy()
     mta_sts: bool = True
     dane: bool = True
-    domains: Mapping[str, DomainPolicy] = field(default_factory=dict)
+    domains: Mapping[Domain, DomainPolicy] = field(default_factory=dict)  # keys normalised
     source: Path | None = None  # file it came from, None if inline
 
-    def for_domain(self, domain: str) -> tuple[DomainPolicy, str]:
+    def for_domain(self, domain: Domain) -> tuple[DomainPolicy, str]:
         """The configured policy for *domain* and where it came from."""
-        domain = domain.lower().rstrip(".")
         if domain in self.domains:
             return self.domains[domain], f"static policy domains[{domain!r}]"
         return self.default, "static policy default"

@@ -17,7 +17,7 @@ from typing import Any
 
 from relay.config import checks as check
 from relay.config.model import DomainPolicy, PolicyConfig, TlsLevel
-from relay.domains import is_dns_name
+from relay.domains import Domain
 from relay.errors import ConfigError
 
 _LEVELS = {"encrypt": TlsLevel.ENCRYPT, "verify": TlsLevel.VERIFY, "secure": TlsLevel.SECURE}
@@ -60,20 +60,23 @@ def _domain_policy(
 
 def _policy_domains(
     ctx: check.Ctx, where: str, raw: Any, base: DomainPolicy
-) -> dict[str, DomainPolicy]:
+) -> dict[Domain, DomainPolicy]:
     if not isinstance(raw, Mapping):
         ctx.add(where, "must be a mapping of domain names to policies", raw)
         return {}
-    result: dict[str, DomainPolicy] = {}
+    result: dict[Domain, DomainPolicy] = {}
+    written: dict[Domain, str] = {}  # how the first key for each domain was spelt
     for key, value in raw.items():
         here = check.keyed(where, str(key))
-        name = key.lower().rstrip(".") if isinstance(key, str) else ""
-        if not is_dns_name(name):
+        name = check.domain(key)  # U-label or A-label, any case: one key (relay.domains)
+        if name is None:
             ctx.add(here, "must be a domain name such as example.com", key)
             continue
-        if name in result:
-            ctx.add(here, "the same domain appears twice (domain names are case-insensitive)", key)
+        if name in written:
+            first = check.keyed(where, written[name])
+            ctx.add(here, f"the same domain as {first} (both are {name})", key)
             continue
+        written[name] = str(key)
         policy = _domain_policy(ctx, here, value, base, allow_match=True)
         if policy is not None:
             result[name] = policy

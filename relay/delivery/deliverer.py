@@ -36,6 +36,7 @@ from relay.delivery.session import (
     polite_quit,
 )
 from relay.delivery.transaction import Transaction, TxResult, transact
+from relay.domains import Domain
 from relay.log import event
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts
@@ -119,14 +120,14 @@ class Deliverer:
         self._contexts = contexts
         self._pool = pool
         self._global = asyncio.Semaphore(cfg.concurrency)
-        self._domains: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._domains: dict[Domain, tuple[asyncio.Semaphore, int]] = {}
 
     async def deliver(
         self,
         queue_id: str,
         sender: str,
         mail_options: Sequence[str],
-        domain: str,
+        domain: Domain,
         recipients: Sequence[tuple[str, Sequence[str]]],
         data: bytes,
     ) -> list[Outcome]:
@@ -158,7 +159,7 @@ class Deliverer:
     async def _deliver(
         self,
         progress: _Progress,
-        domain: str,
+        domain: Domain,
         sender: str,
         mail_options: Sequence[str],
         data: bytes,
@@ -168,7 +169,7 @@ class Deliverer:
                 return
             await self._try_target(progress, domain, target, sender, mail_options, data)
 
-    async def _targets(self, progress: _Progress, domain: str) -> list[Target]:
+    async def _targets(self, progress: _Progress, domain: Domain) -> list[Target]:
         """Addresses to try, in order; empty (with outcomes or reasons set) if none."""
         route = route_for(self.cfg.routes, domain)
         if route is not None:
@@ -206,7 +207,7 @@ class Deliverer:
     async def _try_target(
         self,
         progress: _Progress,
-        domain: str,
+        domain: Domain,
         target: Target,
         sender: str,
         mail_options: Sequence[str],
@@ -298,10 +299,10 @@ class Deliverer:
             await polite_quit(session.smtp, QUIT_TIMEOUT)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, domain: str) -> AsyncIterator[None]:
+    async def _slot(self, domain: Domain) -> AsyncIterator[None]:
         """Per-domain, then global concurrency slot (the domain first, so a waiting
         delivery never holds a global slot)."""
-        name = domain.lower().rstrip(".")
+        name = domain  # the one normal form: every spelling shares one slot
         sem, users = self._domains.get(
             name, (asyncio.Semaphore(self.cfg.per_domain_concurrency), 0)
         )

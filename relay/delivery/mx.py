@@ -27,7 +27,7 @@ import dns.rdatatype
 import dns.resolver
 
 from relay.config import ResolverConfig, Route
-from relay.domains import normalize_domain
+from relay.domains import Domain, dns_name
 
 
 class MxStatus(enum.Enum):
@@ -38,7 +38,7 @@ class MxStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class MxHost:
-    name: str  # lower-case, no trailing dot
+    name: Domain  # lower-case, no trailing dot (relay.domains.dns_name)
     preference: int
     addresses: tuple[str, ...]  # IPv4 then IPv6 literals
 
@@ -64,16 +64,16 @@ def _ip_literal(name: str) -> str | None:
         return None
 
 
-def route_for(routes: Sequence[Route], domain: str) -> Route | None:
+def route_for(routes: Sequence[Route], domain: Domain) -> Route | None:
     """The route for *domain*: an entry equal to it wins; otherwise the longest
     ".suffix" entry it is a subdomain of (".example.com" matches "a.example.com",
-    not "example.com" itself); None if no route applies."""
-    wanted = normalize_domain(domain)
+    not "example.com" itself); None if no route applies.  Entries and *domain* are
+    in the one normal form (relay.domains)."""
+    wanted = domain
     best: Route | None = None
     best_len = -1
     for route in routes:
         for entry in route.domains:
-            entry = normalize_domain(entry)
             if entry == wanted:
                 return route
             if entry.startswith(".") and wanted.endswith(entry) and len(entry) > best_len:
@@ -134,9 +134,9 @@ class MxResolver:
 
     # ---- public ------------------------------------------------------------------------------
 
-    async def resolve(self, domain: str) -> MxResult:
+    async def resolve(self, domain: Domain) -> MxResult:
         """The MX hosts for *domain*, ordered, capped, each with its addresses."""
-        name = normalize_domain(domain)
+        name = domain
         if not name or _ip_literal(name) is not None:
             return MxResult(
                 MxStatus.PERMANENT, (), f"{domain!r} is not a domain name that can have MX records"
@@ -158,7 +158,7 @@ class MxResolver:
         if outcome is _Lookup.NODATA:
             return await self._implicit_mx(name)
         assert answer is not None
-        records = [(int(rd.preference), normalize_domain(rd.exchange.to_text())) for rd in answer]
+        records = [(int(rd.preference), dns_name(rd.exchange.to_text())) for rd in answer]
         return await self._explicit_mx(name, records)
 
     async def addresses(self, host: str) -> tuple[str, ...]:
@@ -169,11 +169,11 @@ class MxResolver:
             return (literal,)
         if self._setup_error:
             return ()
-        return (await self._host_addresses(normalize_domain(host))).addresses
+        return (await self._host_addresses(dns_name(host))).addresses
 
     # ---- MX sets -----------------------------------------------------------------------------
 
-    async def _implicit_mx(self, name: str) -> MxResult:
+    async def _implicit_mx(self, name: Domain) -> MxResult:
         # RFC 5321 §5.1: an empty MX list means an implicit MX of preference 0: the domain.
         found = await self._host_addresses(name)
         if found.addresses:
@@ -196,7 +196,7 @@ class MxResolver:
             True,
         )
 
-    async def _explicit_mx(self, domain: str, records: list[tuple[int, str]]) -> MxResult:
+    async def _explicit_mx(self, domain: Domain, records: list[tuple[int, Domain]]) -> MxResult:
         notes: list[str] = []
         if all(exchange == "" for _, exchange in records):
             # RFC 7505 §3: a single "0 ." MX says the domain accepts no mail at all.
@@ -208,7 +208,7 @@ class MxResolver:
             notes.append("ignored a null MX ('.') mixed with other MX records (RFC 7505 §3)")
             records = [r for r in records if r[1] != ""]
         ordered = self._order(records)
-        usable: list[tuple[int, str]] = []
+        usable: list[tuple[int, Domain]] = []
         for preference, exchange in ordered:
             if _ip_literal(exchange) is not None:
                 # RFC 5321 §5.1: the MX data field MUST contain a domain name, not an address.
@@ -238,17 +238,17 @@ class MxResolver:
         detail = "; ".join(notes) if notes else "no MX hosts"
         return MxResult(MxStatus.TRANSIENT, (), f"{kind} for {domain}: {detail}")
 
-    def _order(self, records: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
+    def _order(self, records: Iterable[tuple[int, Domain]]) -> list[tuple[int, Domain]]:
         """By preference; equal preferences in random order (RFC 5321 §5.1); each host once,
         at its lowest preference."""
-        best: dict[str, int] = {}
+        best: dict[Domain, int] = {}
         for preference, exchange in records:
             if exchange not in best or preference < best[exchange]:
                 best[exchange] = preference
-        groups: dict[int, list[str]] = {}
+        groups: dict[int, list[Domain]] = {}
         for exchange, preference in sorted(best.items()):
             groups.setdefault(preference, []).append(exchange)
-        ordered: list[tuple[int, str]] = []
+        ordered: list[tuple[int, Domain]] = []
         for preference in sorted(groups):
             names = groups[preference]
             self._rng.shuffle(names)

@@ -15,7 +15,8 @@ relay should be:
 * ``RCPT TO:<>`` is refused; ``MAIL FROM:<>`` (the null reverse-path) is allowed;
 * non-ASCII (RFC 6531) only when MAIL carried the SMTPUTF8 parameter.
 
-Normalisation: the domain is lower-cased, a quoted local part that needs no quotes
+Normalisation: the domain takes its one normal form (relay.domains: IDNA A-labels,
+lower case; a domain IDNA refuses gets 553), a quoted local part that needs no quotes
 is unquoted; the local part's case is kept (RFC 5321 2.4: it is case-sensitive).
 Not: DNS lookups or any decision about *whether* the client may relay.
 """
@@ -27,6 +28,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from relay.domains import normalize_domain
+from relay.errors import InvalidDomain
 from relay.intake import replies
 from relay.intake.replies import Reply
 
@@ -242,10 +245,15 @@ def _check_domain(domain: str, *, smtputf8: bool, sender: bool) -> str | Reply:
         return _address_literal(domain, sender)
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
         return _bad(sender, 553, f"Domain longer than {MAX_DOMAIN} octets")
-    for label in domain.split("."):
-        if not _is_label(label, smtputf8):
-            return _bad(sender, 501, "Bad domain syntax")
-    return domain.lower()
+    if domain.isascii() and not all(_is_label(label, smtputf8) for label in domain.split(".")):
+        return _bad(sender, 501, "Bad domain syntax")
+    try:
+        # The one normal form (IDNA 2008 A-labels after UTS #46 mapping, lower case):
+        # a U-label or fullwidth spelling of a configured domain is that domain, under
+        # its policy, routes and limits; what IDNA refuses is refused here.
+        return normalize_domain(domain)
+    except InvalidDomain as exc:
+        return _bad(sender, 553, f"Bad domain {domain!r}: {exc.__cause__ or exc}")
 
 
 def _is_label(label: str, smtputf8: bool) -> bool:

@@ -23,7 +23,8 @@ from typing import Protocol, TypeVar
 
 from relay.config import QueueConfig
 from relay.delivery.outcome import Outcome, Status
-from relay.errors import SpoolError
+from relay.domains import Domain, domain_of
+from relay.errors import InvalidDomain, SpoolError
 from relay.log import event
 from relay.metrics import Metrics
 from relay.queue import bounce, retry
@@ -43,7 +44,7 @@ class DelivererLike(Protocol):
         queue_id: str,
         sender: str,
         mail_options: Sequence[str],
-        domain: str,
+        domain: Domain,
         recipients: Sequence[tuple[str, Sequence[str]]],
         data: bytes,
     ) -> Sequence[Outcome]: ...
@@ -79,8 +80,15 @@ class DeliveryPass:
 
     async def run(self, due: list[Recipient]) -> None:
         """Deliver *due*, record every outcome, store DSNs and a delay warning."""
-        domains = _by_domain(due)
-        if len(domains) == 1:  # the common case: no task group needed
+        domains, invalid = _by_domain(due)
+        if invalid:
+            # Intake refuses such addresses; one spooled by an older version cannot be
+            # matched to its domain's policy, so it is never delivered (fail closed).
+            outcomes = [Outcome(r.address, Status.PERMANENT, why) for r, why in invalid]
+            await self._record("(invalid domain)", [r for r, _ in invalid], outcomes)
+        if not domains:
+            pass
+        elif len(domains) == 1:  # the common case: no task group needed
             await self._deliver_domain(*next(iter(domains.items())))
         else:
             async with asyncio.TaskGroup() as group:
@@ -88,9 +96,13 @@ class DeliveryPass:
                     group.create_task(self._deliver_domain(domain, rcpts))
         await self._finish()
 
-    async def _deliver_domain(self, domain: str, rcpts: list[Recipient]) -> None:
+    async def _deliver_domain(self, domain: Domain, rcpts: list[Recipient]) -> None:
         async with self.ctx.slots:
             outcomes = await self._call_deliverer(domain, rcpts)
+        await self._record(domain, rcpts, outcomes)
+
+    async def _record(self, domain: str, rcpts: list[Recipient], outcomes: list[Outcome]) -> None:
+        """Apply *outcomes* and make them durable at once, one domain at a time."""
         async with self.guard:
             now = self.ctx.clock()
             for rcpt, outcome in zip(rcpts, outcomes, strict=True):
@@ -110,7 +122,7 @@ class DeliveryPass:
                     error=exc,
                 )
 
-    async def _call_deliverer(self, domain: str, rcpts: list[Recipient]) -> list[Outcome]:
+    async def _call_deliverer(self, domain: Domain, rcpts: list[Recipient]) -> list[Outcome]:
         env = self.env
         try:
             got = await self.ctx.deliverer.deliver(
@@ -233,11 +245,19 @@ def due_recipients(env: QueueEnvelope, now: float) -> list[Recipient]:
     return [r for r in env.recipients if not r.state.final and r.next_attempt <= now]
 
 
-def _by_domain(rcpts: list[Recipient]) -> dict[str, list[Recipient]]:
-    groups: dict[str, list[Recipient]] = {}
+def _by_domain(
+    rcpts: list[Recipient],
+) -> tuple[dict[Domain, list[Recipient]], list[tuple[Recipient, str]]]:
+    """Recipients grouped by their domain's normal form (every spelling of a domain in
+    one group, under its policy), and those whose domain is not valid, with why."""
+    groups: dict[Domain, list[Recipient]] = {}
+    invalid: list[tuple[Recipient, str]] = []
     for rcpt in rcpts:
-        groups.setdefault(rcpt.address.rpartition("@")[2].lower(), []).append(rcpt)
-    return groups
+        try:
+            groups.setdefault(domain_of(rcpt.address), []).append(rcpt)
+        except InvalidDomain as exc:
+            invalid.append((rcpt, f"recipient domain refused: {exc}"))
+    return groups, invalid
 
 
 async def off_loop(fn: Callable[..., T], *args: object) -> T:

@@ -14,7 +14,7 @@ import asyncio
 
 from relay.config import Config, Route, TlsLevel
 from relay.delivery.mx import MxResolver, MxResult, MxStatus, route_for
-from relay.domains import normalize_domain
+from relay.domains import Domain, normalize_domain
 from relay.tlspolicy.verdict import Requirement, requirement
 
 NOT_IMPLEMENTED = (
@@ -73,7 +73,7 @@ def _policy_lines(req: Requirement, cfg: Config, routed: bool) -> list[str]:
 
 
 async def _gather(
-    cfg: Config, domain: str, resolver: MxResolver
+    cfg: Config, domain: Domain, resolver: MxResolver
 ) -> tuple[Route | None, tuple[str, ...], MxResult | None]:
     route = route_for(cfg.delivery.routes, domain)
     if route is not None:

@@ -18,7 +18,8 @@ import ssl
 from dataclasses import dataclass
 
 from relay.config import PolicyConfig, TlsLevel
-from relay.domains import normalize_domain
+from relay.domains import Domain, dns_name, normalize_domain
+from relay.errors import InvalidDomain
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,16 @@ class Verdict:
     reason: str
 
 
-def requirement(policy: PolicyConfig, domain: str, mx_host: str) -> Requirement:
+def requirement(policy: PolicyConfig, domain: Domain, mx_host: str) -> Requirement:
     """What delivery of mail for *domain* through *mx_host* requires (static policy only;
-    MTA-STS and DANE could only ever raise this, never lower it)."""
-    domain = normalize_domain(domain)
+    MTA-STS and DANE could only ever raise this, never lower it).  *domain* and the
+    policy's keys and ``match`` entries are all in the one normal form (relay.domains)."""
     configured, source = policy.for_domain(domain)
-    names = (
-        domain,
-        *(
-            normalize_domain(m) if not m.startswith(".") else "." + normalize_domain(m[1:])
-            for m in configured.match
-        ),
-    )
+    names = (domain, *configured.match)
     return Requirement(
         level=configured.level,
         min_version=configured.min_version,
-        mx_host=normalize_domain(mx_host),
+        mx_host=dns_name(mx_host),
         secure_names=tuple(dict.fromkeys(names)),
         source=source,
     )
@@ -107,7 +102,7 @@ def _version_name(v: ssl.TLSVersion) -> str:
 def _a_labels(name: str) -> str | None:
     """Case-folded A-label form of *name* (RFC 6125 §6.4.2: compare A-labels), or None
     if it is not a valid host name."""
-    name = normalize_domain(name)
+    name = dns_name(name)
     if not name or any(not label for label in name.split(".")):
         return None
     labels = []
@@ -115,9 +110,9 @@ def _a_labels(name: str) -> str | None:
         if label == "*" or label.isascii():
             labels.append(label)
             continue
-        try:
-            labels.append(label.encode("idna").decode("ascii").lower())
-        except UnicodeError:
+        try:  # the same IDNA 2008 / UTS #46 form as every other name here
+            labels.append(normalize_domain(label))
+        except InvalidDomain:
             return None
     return ".".join(labels)
 

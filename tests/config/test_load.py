@@ -17,7 +17,7 @@ import yaml
 
 from relay import certs, config
 from relay.config import Config, ListenerTls, TlsLevel
-from relay.domains import is_dns_name
+from relay.domains import is_dns_name, normalize_domain
 from relay.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,13 +162,50 @@ def test_policy_file_relative_to_config(tmp_path: Path, server_cert: tuple[Path,
     # a domain entry without min_version inherits the default's
     assert policy.domains["example.com"].min_version == ssl.TLSVersion.TLSv1_3
     assert policy.domains["partner.test"].min_version == ssl.TLSVersion.TLSv1_2
-    assert policy.for_domain("EXAMPLE.com.") == (
+    assert policy.for_domain(normalize_domain("EXAMPLE.com.")) == (
         policy.domains["example.com"],
         "static policy domains['example.com']",
     )
     assert policy.for_domain("elsewhere.test")[1] == "static policy default"
     with pytest.raises(TypeError):
         policy.domains["x.test"] = policy.default  # type: ignore[index]
+
+
+def test_domain_keys_may_be_written_either_way(
+    tmp_path: Path, server_cert: tuple[Path, Path]
+) -> None:
+    """Policy keys, `match` entries and route domains take the one normal form at load."""
+    cfg = load_with(
+        tmp_path,
+        server_cert,
+        policy={"domains": {"Bücher.test.": {"level": "secure", "match": [".Straße.de"]}}},
+        delivery={
+            "routes": [
+                {
+                    "domains": ["\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com", ".bücher.test"],
+                    "via": "[h.test]:25",
+                }
+            ]
+        },
+    )
+    assert set(cfg.policy.domains) == {"xn--bcher-kva.test"}
+    assert cfg.policy.domains["xn--bcher-kva.test"].match == (".xn--strae-oqa.de",)
+    assert cfg.delivery.routes[0].domains == ("example.com", ".xn--bcher-kva.test")
+
+
+def test_two_spellings_of_one_policy_domain_are_an_error(
+    tmp_path: Path, server_cert: tuple[Path, Path]
+) -> None:
+    path = write_config(
+        tmp_path,
+        server_cert,
+        policy={"domains": {"xn--bcher-kva.test": {"level": "secure"}, "bücher.test": {}}},
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    (problem,) = info.value.problems
+    assert 'policy.domains["xn--bcher-kva.test"]: the same domain as' in problem
+    assert 'policy.domains["b\\u00fccher.test"] (both are xn--bcher-kva.test)' in problem
 
 
 def test_inline_policy(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:

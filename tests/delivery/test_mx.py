@@ -9,6 +9,7 @@ import pytest
 
 from relay.config import Route
 from relay.delivery.mx import MxHost, MxResolver, MxStatus, route_for
+from relay.domains import normalize_domain
 from tests.fixtures.dns import DnsServer
 
 
@@ -23,7 +24,7 @@ async def test_preference_order_and_addresses(dns_server: DnsServer) -> None:
     dns_server.add("mx1.example.test", "A", "127.0.0.11")
     dns_server.add("mx2.example.test", "A", "127.0.0.12")
     dns_server.add("mx3.example.test", "A", "127.0.0.13")
-    result = await resolver(dns_server).resolve("Example.TEST.")
+    result = await resolver(dns_server).resolve(normalize_domain("Example.TEST."))
     assert result.status is MxStatus.OK
     assert not result.implicit
     assert result.hosts == (
@@ -274,7 +275,7 @@ DEEP = Route(domains=(".eu.partner.test", "other.test"), host="eu.partner.test",
     ],
 )
 def test_route_for(domain: str, expected: Route | None) -> None:
-    assert route_for((SUB, DEEP, EXACT), domain) is expected
+    assert route_for((SUB, DEEP, EXACT), normalize_domain(domain)) is expected
 
 
 def test_route_for_no_routes() -> None:

@@ -13,6 +13,8 @@ import asyncio
 import email
 import re
 import shutil
+import smtplib
+import ssl
 import subprocess
 import threading
 import time
@@ -391,4 +393,54 @@ def test_verify_refuses_postfix_under_another_mx_name(
     assert postfix_mx.tls_sessions() == 1  # the handshake happened; no envelope followed it
     (line,) = delivery_lines(proc, rcpt="someone@alias.test")
     assert "level_required=verify level_met=encrypt outcome=deferred" in line
+    assert proc.stop() == 0
+
+
+def submit_smtputf8(proc: RelayProcess, sender: str, rcpt: str, subject: str) -> None:
+    """Python's smtplib, as applications use it: STARTTLS, then MAIL with SMTPUTF8."""
+    ctx = ssl.create_default_context(cafile=str(proc.ca_file))
+    message = f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nhello\r\n"
+    with smtplib.SMTP(HOST, proc.starttls_port, timeout=15) as client:
+        client.starttls(context=ctx)
+        refused = client.sendmail(sender, [rcpt], message.encode(), mail_options=["SMTPUTF8"])
+        assert refused == {}
+
+
+def test_unicode_spellings_of_a_secure_domain_get_its_policy(
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
+    dns_server: DnsServer,
+    ca_file: Path,
+) -> None:
+    """Issue 10, item 1: `xn--bcher-kva.test` is configured `secure` (the certificate
+    must name the recipient domain; Postfix's names only its MX host), the default is
+    `encrypt`.  Written as a U-label or in fullwidth letters, the domain used to get the
+    default and was delivered to the configured domain's own MX; now every spelling is
+    that domain: deferred under `secure`, and nothing reaches Postfix."""
+    add_postfix_mx(dns_server, "xn--bcher-kva.test")
+    policy = {
+        "default": {"level": "encrypt"},
+        "domains": {"xn--bcher-kva.test": {"level": "secure"}},
+    }
+    proc = relay(extra_config=delivery_config(dns_server, postfix_mx.port, ca_file, policy))
+    fullwidth = "\uff42\u00fc\uff43\uff48\uff45\uff52.test"
+    for local, domain in (("u", "bücher.test"), ("f", fullwidth), ("a", "XN--BCHER-KVA.test")):
+        submit_smtputf8(proc, "app@corp.test", f"{local}@{domain}", f"spelling {local}")
+
+    def all_deferred() -> list[dict[str, Any]] | None:
+        rcpts = [r for item in queue_json(proc) for r in item["recipients"]]
+        return rcpts if len(rcpts) == 3 and all(r["state"] == "deferred" for r in rcpts) else None
+
+    rcpts = wait_for(all_deferred, "every spelling to be deferred under `secure`")
+    assert sorted(r["address"] for r in rcpts) == [
+        "a@xn--bcher-kva.test",
+        "f@xn--bcher-kva.test",
+        "u@xn--bcher-kva.test",
+    ]
+    for r in rcpts:
+        assert "level secure required" in str(r["last_reason"]), r
+    time.sleep(SETTLE)
+    assert postfix_mx.messages() == []
+    lines = delivery_lines(proc, outcome="deferred")
+    assert lines and all("level_required=secure" in line for line in lines), lines
     assert proc.stop() == 0

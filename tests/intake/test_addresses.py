@@ -99,8 +99,9 @@ def test_ip_literals_only_for_senders() -> None:
 
 
 def test_smtputf8_addresses_need_the_parameter() -> None:
-    assert parse_reverse_path("<jörg@exämple.com>", smtputf8=True) == "jörg@exämple.com"
-    assert parse_forward_path("<用户@例子.广告>", smtputf8=True) == "用户@例子.广告"
+    # The local part stays as written; the domain takes its A-label form (relay.domains).
+    assert parse_reverse_path("<jörg@exämple.com>", smtputf8=True) == "jörg@xn--exmple-cua.com"
+    assert parse_forward_path("<用户@例子.广告>", smtputf8=True) == "用户@xn--fsqu00a.xn--4rr70v"
     assert isinstance(parse_forward_path("<a\u200bb@example.com>", smtputf8=True), Reply)
     long_local = "ä" * 33  # 66 octets in UTF-8, 33 characters
     assert isinstance(parse_forward_path(f"<{long_local}@example.com>", smtputf8=True), Reply)
@@ -238,3 +239,35 @@ def test_any_text_gives_address_or_reply(text: str, smtputf8: bool) -> None:
 def test_split_argument_never_raises(text: str) -> None:
     result = split_argument("FROM:" + text, "FROM:")
     assert isinstance(result, (Reply, tuple))
+
+
+@pytest.mark.parametrize(
+    ("written", "normal"),
+    [
+        ("bücher.test", "xn--bcher-kva.test"),  # U-label
+        ("BÜCHER.Test", "xn--bcher-kva.test"),  # U-label, mixed case
+        ("XN--BCHER-KVA.test", "xn--bcher-kva.test"),  # A-label, upper case
+        ("\uff42\u00fc\uff43\uff48\uff45\uff52\uff0etest", "xn--bcher-kva.test"),  # fullwidth
+        ("\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com", "example.com"),  # fullwidth ASCII
+    ],
+)
+def test_every_spelling_of_a_domain_is_one_recipient_domain(written: str, normal: str) -> None:
+    """The policy bypass of issue 10: a spelling of a configured domain must reach intake's
+    caller in the configured (A-label) form, or its policy is skipped."""
+    assert parse_forward_path(f"<a@{written}>", smtputf8=True) == f"a@{normal}"
+
+
+@pytest.mark.parametrize(
+    ("written", "code"),
+    [
+        ("xn--zz.test", 553),  # an A-label that is not valid punycode
+        ("ab--cd.test", 553),  # "--" in the third and fourth position (IDNA 2008)
+        ("\u0661\u0662\u0663.com", 553),  # bidi rule
+        ("exa mple.com", 501),
+        ("-a.com", 501),
+    ],
+)
+def test_invalid_domains_are_refused_with_the_reason(written: str, code: int) -> None:
+    refused = parse_forward_path(f"<a@{written}>", smtputf8=True)
+    assert isinstance(refused, Reply) and refused.code == code, refused
+    assert refused.enhanced == "5.1.3"

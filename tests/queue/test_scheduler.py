@@ -247,6 +247,30 @@ async def test_mixed_outcomes_persisted_and_dsn_queued(t: Env) -> None:
     assert blocks[1]["Status"] == "5.1.1"
 
 
+async def test_spellings_of_one_domain_are_one_delivery_under_its_name(t: Env) -> None:
+    """Recipients spooled with a U-label (by a version before intake normalised them) are
+    grouped under the domain's one normal form, the key of its policy and slots."""
+    t.queue("a@bücher.test", "b@XN--BCHER-KVA.test")
+    s = await t.start()
+    await settle(s)
+    assert [(c.domain, c.rcpts) for c in t.fake.calls] == [
+        ("xn--bcher-kva.test", ["a@bücher.test", "b@XN--BCHER-KVA.test"])
+    ]
+
+
+async def test_a_spooled_invalid_domain_is_never_delivered(t: Env) -> None:
+    """Fail closed: a domain IDNA refuses cannot be matched to its policy, so it is not
+    handed to delivery (where DNS might still resolve it); it bounces with the reason."""
+    qid = t.queue("a@xn--zz.test", "b@ok.test")
+    s = await t.start()
+    await settle(s)
+    assert sorted(c.domain for c in t.fake.calls) == ["corp.test", "ok.test"]  # and the DSN
+    (dsn_call,) = [c for c in t.fake.calls if c.domain == "corp.test"]
+    assert dsn_call.sender == "" and b"a@xn--zz.test" in dsn_call.data
+    assert b"is not a valid domain name" in dsn_call.data
+    assert not t.spool.exists(qid)
+
+
 async def test_expiry_bounces_with_dsn(t: Env) -> None:
     t.fake.script = {"a@x.test": [("transient", "451 4.4.1 no answer")] * 5}
     qid = t.queue("a@x.test")

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.config import DomainPolicy, PolicyConfig, TlsLevel
+from relay.domains import normalize_domain
 from relay.tlspolicy.verdict import (
     Observed,
     Requirement,
@@ -25,7 +26,7 @@ E, V, S = TlsLevel.ENCRYPT, TlsLevel.VERIFY, TlsLevel.SECURE
 POLICY = PolicyConfig(
     default=DomainPolicy(level=E, min_version=ssl.TLSVersion.TLSv1_2),
     domains={
-        "example.com": DomainPolicy(level=S, match=(".example.com", "Mail.Partner.NET.")),
+        "example.com": DomainPolicy(level=S, match=(".example.com", "mail.partner.net")),
         "verify.test": DomainPolicy(level=V, min_version=ssl.TLSVersion.TLSv1_3),
         "dane.test": DomainPolicy(level=TlsLevel.DANE),
     },
@@ -36,7 +37,7 @@ POLICY = PolicyConfig(
 
 
 def test_requirement_from_domain_entry() -> None:
-    req = requirement(POLICY, "EXAMPLE.com.", "MX1.example.com.")
+    req = requirement(POLICY, normalize_domain("EXAMPLE.com."), "MX1.example.com.")
     assert req == Requirement(
         level=S,
         min_version=ssl.TLSVersion.TLSv1_2,
