@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import logging
 import os
+import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,18 @@ class App:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
+        policy = self.cfg.policy
+        if policy.mta_sts or policy.dane:
+            # Said at every start, so nobody believes MTA-STS/DANE are enforced.
+            event(
+                log,
+                "policy_not_enforced",
+                logging.WARNING,
+                mta_sts=policy.mta_sts,
+                dane=policy.dane,
+                reason="MTA-STS and DANE are not implemented in this version; "
+                "only the static policy applies",
+            )
         event(
             log,
             "relay_started",
@@ -175,13 +188,14 @@ async def run(app: App) -> int:
     stopping = asyncio.Event()
     for sig in workers.STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, workers.ignore_hangup)
     try:
         await app.start()
         await stopping.wait()
         event(log, "relay_stopping", reason="signal")
         await app.stop()
     finally:
-        for sig in workers.STOP_SIGNALS:
+        for sig in (*workers.STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0
 
@@ -190,6 +204,7 @@ def serve(cfg: Config) -> int:
     """``tls-relay serve``: run until SIGTERM/SIGINT, exit 0 after a clean stop.
     With ``workers`` above 1, relay.workers forks that many of :func:`serve_worker`."""
     relaylog.setup(cfg.log_level)
+    signal.signal(signal.SIGHUP, workers.ignore_hangup)  # from the first moment on
     count = workers.resolve(cfg)
     if count > 1:
         return workers.supervise(cfg, count, serve_worker)

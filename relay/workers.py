@@ -25,6 +25,7 @@ Not: what a worker does (relay.app), or how a message is locked (relay.queue.spo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ RESTART_PAUSE = 1.0  # seconds before a dead worker is started again
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
             _signal(pid, signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, ignore_hangup)
     restarts: list[float] = []
     status = 0
     try:
@@ -128,7 +131,25 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
     return status
 
 
+def ignore_hangup(signum: int = signal.SIGHUP, _frame: object = None) -> None:
+    """SIGHUP (a terminal closing, or an operator expecting a reload) must never stop
+    the relay: its default action killed it with 129 and left workers holding the ports.
+    Until reload exists it is logged and ignored."""
+    event(log, "sighup_ignored", logging.WARNING, reason="reload is not implemented yet")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux prctl(PR_SET_PDEATHSIG): SIGTERM this worker when the supervisor dies,
+    however it dies (SIGKILL, OOM), so no worker keeps serving the ports alone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _fork(cfg: Config, worker: Worker, run_worker: Callable[[Config, Worker], int]) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -136,6 +157,8 @@ def _fork(cfg: Config, worker: Worker, run_worker: Callable[[Config, Worker], in
     try:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # the worker's event loop installs its own
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop logs it
+        _die_with_parent(parent)
         code = run_worker(cfg, worker)
     except BaseException:
         log.exception("worker %d failed", worker.index)

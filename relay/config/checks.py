@@ -203,11 +203,26 @@ def bind_address(ctx: Ctx, where: str, raw: Any) -> tuple[str, int] | None:
         if (ip.version == 6) != bracketed:
             ctx.add(where, shape, raw)
             return None
+        unbindable = _unbindable(ip)
+        if unbindable:
+            ctx.add(where, unbindable, raw)
+            return None
     except ValueError:
         if host != "localhost" or bracketed:
             ctx.add(where, shape, raw)
             return None
     return (host, port) if port is not None else None
+
+
+def _unbindable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``serve`` could never listen on *ip*, found now rather than at start."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"an IPv4-mapped IPv6 address cannot be bound; write {ip.ipv4_mapped}"
+    if ip.is_multicast:
+        return "a multicast address cannot accept connections"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local:
+        return "a link-local IPv6 address needs an interface; use :: or a global address"
+    return None
 
 
 def via(ctx: Ctx, where: str, raw: Any) -> tuple[str, int] | None:

@@ -23,6 +23,7 @@ from relay.config import units
 from relay.config.model import (
     Clients,
     Config,
+    DeliveryConfig,
     IPNetwork,
     Limits,
     ListenerConfig,
@@ -32,8 +33,9 @@ from relay.config.model import (
     QueueConfig,
     ServerTls,
     SpoolConfig,
+    TlsLevel,
 )
-from relay.domains import is_dns_name
+from relay.domains import Domain, is_dns_name
 from relay.errors import ConfigError
 from relay.intake import users
 
@@ -277,6 +279,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
     metrics = _metrics(ctx, data["metrics"]) if "metrics" in data else None
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
     workers = _workers(ctx, data["workers"], metrics is not None) if "workers" in data else 1
+    _route_auth_levels(ctx, delivery, policy)
     if tls is None or spool is None or not listeners:
         return None
     return Config(
@@ -294,6 +297,36 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
         log_level=log_level,
         workers=workers,
     )
+
+
+def _route_auth_levels(ctx: check.Ctx, delivery: DeliveryConfig, policy: PolicyConfig) -> None:
+    """A route that logs in must only ever meet an authenticated next hop: under
+    `encrypt` anyone in the path could present a certificate and collect the password
+    (Postfix's smtp_sasl_tls_security_options has the same concern)."""
+    for i, route in enumerate(delivery.routes):
+        if route.auth is None:
+            continue
+        for name, level in _levels_for(route.domains, policy):
+            if level < TlsLevel.VERIFY:
+                ctx.add(
+                    f"delivery.routes[{i}].auth",
+                    f"sends a password, so mail for {name} must need TLS level verify or "
+                    f"secure (its policy says {level.label}); set it in the policy",
+                )
+                break
+
+
+def _levels_for(entries: tuple[str, ...], policy: PolicyConfig) -> list[tuple[str, TlsLevel]]:
+    """The configured level of each domain a route's entries cover (a ".suffix" entry:
+    the default for its subdomains, and every policy domain under it)."""
+    found: list[tuple[str, TlsLevel]] = []
+    for entry in entries:
+        if not entry.startswith("."):
+            found.append((entry, policy.for_domain(Domain(entry))[0].level))
+            continue
+        found.append((f"*{entry}", policy.default.level))
+        found += [(d, p.level) for d, p in policy.domains.items() if d.endswith(entry)]
+    return found
 
 
 def load_policy(path: Path) -> PolicyConfig:

@@ -37,8 +37,13 @@ def context_key(req: Requirement) -> ContextKey:
 def client_context(
     verify: bool, min_version: ssl.TLSVersion, ca_file: Path | None
 ) -> ssl.SSLContext:
-    """A client context for one (verify, floor) pair."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """A client context for one (verify, floor) pair.  *ca_file* replaces the system
+    CA store (as Postfix's smtp_tls_CAfile does with tls_append_default_CAfile off):
+    an operator who names the CAs to trust means those, and no others."""
+    if ca_file is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no default (system) CAs loaded
     # Names are matched by policy.decide against the MX host or the recipient domain
     # (RFC 7817 §3: "secure" may need a name other than the one we connected to).
     ctx.check_hostname = False

@@ -113,6 +113,7 @@ def test_full_config(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:
         },
         metrics={"address": "127.0.0.1:9465"},
         log_level="debug",
+        policy={"domains": {"other.test": {"level": "verify"}}},  # the route logs in
     )
     assert cfg.hostname == "relay.example.com"
     assert [(x.host, x.port, x.tls) for x in cfg.listeners] == [

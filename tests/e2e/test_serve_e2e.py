@@ -9,6 +9,7 @@ tests, then on the standard loop only, could not see.  Only 127.0.0.1 is contact
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -72,3 +73,26 @@ def test_sigterm_sends_421_to_connected_clients(relay: RelayFactory) -> None:
         assert raw.cmd("EHLO app.test")[0] == 250
         assert proc.stop() == 0
         assert raw.reply() == (421, "4.3.2 Service shutting down, closing connection")
+
+
+def test_serve_warns_that_mta_sts_and_dane_are_not_enforced(relay: RelayFactory) -> None:
+    proc = relay(extra_config={"policy": {"mta_sts": True, "dane": False}})
+    line = proc.wait_log("policy_not_enforced")
+    assert "WARNING" in line and "mta_sts=true dane=false" in line.lower()
+    quiet = relay(extra_config={"policy": {"mta_sts": False, "dane": False}})
+    quiet.wait_log("relay_started")
+    assert "policy_not_enforced" not in quiet.log_text()
+
+
+def test_sighup_is_logged_and_ignored(relay: RelayFactory) -> None:
+    """SIGHUP's default action used to kill serve (exit 129)."""
+    proc = relay()
+    proc.wait_log("relay_started")
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_log("sighup_ignored")
+    time.sleep(0.3)
+    assert proc.running
+    with RawSMTP(HOST, proc.starttls_port) as raw:
+        assert raw.greet()[0] == 220
+    assert proc.stop() == 0

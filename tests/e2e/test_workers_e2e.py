@@ -3,8 +3,10 @@ and one spool (relay.workers); real Postfix MX, `tls-relay queue` as its own pro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -102,3 +104,32 @@ def test_a_dead_worker_is_replaced(relay: RelayFactory, postfix_mx: PostfixMx) -
     send(proc, "app@corp.test", [rcpt], message("after the crash"))
     assert [m.recipient for m in postfix_mx.wait_messages(1)] == [rcpt]
     assert proc.stop() == 0
+
+
+def test_sighup_is_ignored_and_workers_die_with_their_supervisor(
+    relay: RelayFactory,
+    postfix_mx: PostfixMx,
+) -> None:
+    """SIGHUP used to kill the supervisor (129) and leave the workers holding the ports;
+    a supervisor killed outright must not leave workers serving alone either."""
+    proc = start_two(relay, postfix_mx)
+    assert proc.proc is not None
+    children = workers_of(proc)
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_log("sighup_ignored")
+        time.sleep(0.5)
+        assert proc.running and workers_of(proc) == children
+        proc.proc.kill()  # SIGKILL: no chance to forward anything
+        proc.proc.wait(timeout=10)
+        wait_for(
+            lambda: all(not Path(f"/proc/{pid}").exists() for pid in children) or None,
+            "the workers to exit after their supervisor died",
+            timeout=20,
+        )
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.starttls_port), timeout=5).close()
+    finally:
+        for pid in children:  # never leave a worker behind, whatever failed above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

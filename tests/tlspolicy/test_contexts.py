@@ -149,6 +149,24 @@ def test_untrusted_chain_fails_the_handshake(tmp_path: Path, ca: trustme.CA) -> 
     assert "issuer" in text
 
 
+def test_ca_file_replaces_the_system_store(
+    tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delivery.ca_file names the CAs to trust, and no others: a chain from a CA that
+    only the system store has must fail (it used to be trusted as well)."""
+    system_ca = trustme.CA()
+    system_ca.cert_pem.write_to_path(str(tmp_path / "system.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system.pem"))  # OpenSSL's default store
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    system_ca.issue_cert("mx1.example.test").configure_cert(server)
+    # Without ca_file the system store decides: the chain is trusted.
+    _handshake(client_context(True, ssl.TLSVersion.TLSv1_2, None), server, "mx1.example.test")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = client_context(True, ssl.TLSVersion.TLSv1_2, tmp_path / "ca.pem")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(client, server, "mx1.example.test")
+
+
 def test_version_floor_fails_the_handshake(ca: trustme.CA) -> None:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("mx1.example.test").configure_cert(server)

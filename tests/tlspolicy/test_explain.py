@@ -24,6 +24,7 @@ policy:
   domains:
     example.test: {{level: secure, match: [".example.test", "mail.partner.test"]}}
     partner.test: {{level: verify, min_version: TLSv1.3}}
+    named-hop.test: {{level: verify}}
 """
 
 
