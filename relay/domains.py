@@ -39,21 +39,32 @@ def normalize_domain(name: str) -> Domain:
     try:
         # UTS #46 mapping (case folding, fullwidth and other compatibility forms),
         # non-transitional (IDNA 2008: "ß" stays "ß"), STD3 rules: LDH host names only.
-        encoded = idna.encode(text, uts46=True, transitional=False, std3_rules=True)
+        mapped = idna.uts46_remap(text, std3_rules=True, transitional=False)
+        result = ".".join(_a_label(label) for label in mapped.split("."))
     except (idna.IDNAError, UnicodeError) as exc:
         raise InvalidDomain(f"{name!r} is not a valid domain name: {exc}") from exc
-    result = encoded.decode("ascii")
     if not result or len(result) > MAX_NAME:
         raise InvalidDomain(f"{name!r} is not a valid domain name: too long or empty")
     return Domain(result)
 
 
+def _a_label(label: str) -> str:
+    """One mapped label in A-label form.  A plain LDH label is kept as it is, even
+    with "--" in the third and fourth position (IDNA 2008 reserves those for new
+    prefixes, but DNS has such names and Postfix delivers to them); an "xn--" label
+    must be a valid A-label, a Unicode one must make one."""
+    if _LABEL.fullmatch(label) and not label.startswith("xn--"):
+        return label
+    if not label:
+        raise idna.IDNAError("Empty label")
+    return idna.alabel(label).decode("ascii").lower()
+
+
 def _plain_ascii(text: str) -> bool:
-    """LDH labels that IDNA leaves as they are (no A-label to check, no "--" in the
-    third and fourth position, which IDNA 2008 reserves)."""
+    """LDH labels that IDNA leaves as they are (no "xn--" A-label to check)."""
     if not text or len(text) > MAX_NAME:
         return False
-    return all(_LABEL.fullmatch(label) and label[2:4] != "--" for label in text.split("."))
+    return all(_LABEL.fullmatch(label) and label[:4].lower() != "xn--" for label in text.split("."))
 
 
 def dns_name(name: str) -> Domain:
