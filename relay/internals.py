@@ -71,7 +71,7 @@ BORROWED: dict[str, tuple[Borrowed, ...]] = {
         Borrowed(_SMTP, "_timeout_cb", False, "sends 421 before aiosmtpd closes"),
         Borrowed(_SMTP, "_timeout_handle", True, "the timer handle re-armed lazily"),
         Borrowed(_SMTP, "_timeout_duration", True, "the command timeout"),
-        # relay/intake/session.py: STARTTLS on the loop's own TLS, EHLO, DATA.
+        # relay/intake/commandloop.py (STARTTLS on the loop's own TLS), session.py (EHLO, DATA).
         Borrowed(_SMTP, "_set_rset_state", False, "forget the transaction (EHLO, STARTTLS)"),
         Borrowed(_SMTP, "_set_post_data_state", False, "end the transaction after DATA"),
         Borrowed(_SMTP, "_call_handler_hook", False, "hand a finished DATA to the handler"),

@@ -9,7 +9,8 @@ aiosmtpd's own reply texts given RFC 3463 enhanced status codes.  The aiosmtpd
 internals it relies on are listed, with the reason for each, in
 :mod:`relay.internals`.
 
-Not: which commands are allowed when, TLS, AUTH or the transaction (relay.intake.session).
+STARTTLS swaps the transport under aiosmtpd's streams here (:meth:`CommandLoop._start_tls`).
+Not: which commands are allowed when, AUTH or the transaction (relay.intake.session).
 """
 
 from __future__ import annotations
@@ -203,6 +204,50 @@ class CommandLoop(SMTP):
             self._handler_coroutine.cancel()
         if self.transport is not None:
             self.transport.close()
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------------------------
+    async def _start_tls(self, handshake_timeout: float) -> asyncio.BaseTransport | None:
+        """RFC 3207 on the event loop's own TLS transport (``loop.start_tls``).
+
+        aiosmtpd swaps in asyncio's pure-Python ``sslproto`` even on uvloop; uvloop's
+        native TLS costs far less per record.  Everything the client sent after the
+        STARTTLS line is plaintext and is discarded (RFC 3207 section 6, STARTTLS
+        command injection): the buffer is cleared and the transport handed over in
+        one step, with no await in between, so no plaintext byte can slip through.
+        The TLS transport, or None when the handshake failed (the session is closed).
+        """
+        await self.push("220 2.0.0 Ready to start TLS")
+        plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's is not a subclass
+        assert plain is not None and self.tls_context is not None
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        try:
+            tls = await self.loop.start_tls(
+                plain,
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=handshake_timeout,
+            )
+        except OSError as error:  # SSLError, resets and the handshake timeout
+            event(log, "starttls_failed", client=self.peer[0], error=error)
+            self._abort()
+            return None
+        if tls is None or plain.is_closing():
+            self._abort()
+            return None
+        self._original_transport = plain  # aiosmtpd closes it in connection_lost
+        self.transport = tls
+        self._reader._transport = tls  # type: ignore[attr-defined]
+        self._writer._transport = tls  # type: ignore[attr-defined]
+        # RFC 3207 4.2: the client must start over with EHLO; forget what it said.
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        peer = self.session.peer if self.session else None
+        self.session = self._create_session()
+        self.session.peer = peer
+        self.session.ssl = {"ssl_object": tls.get_extra_info("ssl_object")}
+        self._tls_handshake_okay = True
+        self._reset_timeout()
+        return tls
 
     def phase_name(self) -> str:
         """What the session is doing, for log lines (subclasses know more)."""

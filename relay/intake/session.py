@@ -238,49 +238,9 @@ class RelaySMTP(CommandLoop):
         elif self.tls_active():
             await self.reply(replies.TLS_ACTIVE)  # no TLS inside TLS
         else:
-            await self._start_tls()
-
-    async def _start_tls(self) -> None:
-        """RFC 3207 on the event loop's own TLS transport (``loop.start_tls``).
-
-        aiosmtpd swaps in asyncio's pure-Python ``sslproto`` even on uvloop; uvloop's
-        native TLS costs far less per record.  Everything the client sent after the
-        STARTTLS line is plaintext and is discarded (RFC 3207 section 6, STARTTLS
-        command injection): the buffer is cleared and the transport handed over in
-        one step, with no await in between, so no plaintext byte can slip through.
-        """
-        await self.push("220 2.0.0 Ready to start TLS")
-        plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's is not a subclass
-        assert plain is not None and self.tls_context is not None
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
-        try:
-            tls = await self.loop.start_tls(
-                plain,
-                self,
-                self.tls_context,
-                server_side=True,
-                ssl_handshake_timeout=self.settings.limits.command_timeout,
-            )
-        except OSError as error:  # SSLError, resets and the handshake timeout
-            event(log, "starttls_failed", client=self.peer[0], error=error)
-            self._abort()
-            return
-        if tls is None or plain.is_closing():
-            self._abort()
-            return
-        self._original_transport = plain  # aiosmtpd closes it in connection_lost
-        self.transport = tls
-        self._reader._transport = tls  # type: ignore[attr-defined]
-        self._writer._transport = tls  # type: ignore[attr-defined]
-        # RFC 3207 4.2: the client must start over with EHLO; forget what it said.
-        self._set_rset_state()  # type: ignore[no-untyped-call]
-        peer = self.session.peer if self.session else None
-        self.session = self._create_session()
-        self.session.peer = peer
-        self.session.ssl = {"ssl_object": tls.get_extra_info("ssl_object")}
-        self._tls_handshake_okay = True
-        self._reset_timeout()
-        self._note_tls(tls)
+            tls = await self._start_tls(self.settings.limits.command_timeout)
+            if tls is not None:
+                self._note_tls(tls)
 
     # -- AUTH (RFC 4954) --------------------------------------------------------------
     def _auth_refusal(self, arg: str | None) -> Reply | None:
