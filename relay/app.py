@@ -43,7 +43,7 @@ from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics, MetricsServer
 from relay.queue.scheduler import Scheduler
-from relay.queue.spool import Spool
+from relay.queue.spool import Spool, claim
 from relay.tlspolicy.contexts import ClientContexts
 
 log = logging.getLogger("relay.app")
@@ -205,10 +205,14 @@ def serve(cfg: Config) -> int:
     With ``workers`` above 1, relay.workers forks that many of :func:`serve_worker`."""
     relaylog.setup(cfg.log_level)
     signal.signal(signal.SIGHUP, workers.ignore_hangup)  # from the first moment on
-    count = workers.resolve(cfg)
-    if count > 1:
-        return workers.supervise(cfg, count, serve_worker)
-    return serve_worker(cfg, None)
+    claimed = claim(cfg.spool.path)  # before recovery, sockets, anything: one serve a spool
+    try:
+        count = workers.resolve(cfg)
+        if count > 1:
+            return workers.supervise(cfg, count, serve_worker)
+        return serve_worker(cfg, None)
+    finally:
+        os.close(claimed)
 
 
 def serve_worker(cfg: Config, worker: workers.Worker | None) -> int:

@@ -102,8 +102,11 @@ def fsync_dir(path: Path | str) -> None:
     syncer.sync()
 
 
-def atomic_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
-    """Write *target* durably and atomically; OSError on failure, no temp file left."""
+def atomic_write(
+    target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600, *, replace: bool = True
+) -> None:
+    """Write *target* durably and atomically; OSError on failure, no temp file left.
+    ``replace=False``: FileExistsError if *target* exists, which is left untouched."""
     tmp = temp_name(os.fspath(target))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -112,12 +115,24 @@ def atomic_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int 
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        place(tmp, os.fspath(target), replace=replace)
         fsync_dir(os.path.dirname(tmp))
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def place(tmp: str, target: str, *, replace: bool) -> None:
+    """Give the finished temp file its name.  ``replace=False`` never overwrites: a
+    hard link fails with FileExistsError when *target* exists (rename would silently
+    replace it), then the temp name goes."""
+    if replace:
+        os.replace(tmp, target)
+        return
+    os.link(tmp, target)
+    with contextlib.suppress(OSError):  # a leftover temp name is removed at recovery
+        os.unlink(tmp)
 
 
 def write_all(fd: int, chunks: Iterable[bytes]) -> None:
@@ -184,7 +199,7 @@ def _commit_batch(jobs: list[tuple[int, str, str]]) -> list[OSError | None]:
     for fd, tmp, target in jobs:
         try:
             os.fsync(fd)
-            os.rename(tmp, target)
+            place(tmp, target, replace=False)  # new files only: never over another
             outcomes.append(None)
         except OSError as exc:
             outcomes.append(exc)

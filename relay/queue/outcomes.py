@@ -174,7 +174,22 @@ class DeliveryPass:
         self._log_state(self.env, rcpt, outcome.mx_host)
 
     async def _finish(self) -> None:
-        """Bounces (DSN stored before the recipients are marked), delay warning."""
+        """Bounces (DSN stored before the recipients are marked), delay warning; then,
+        if any state write failed, one more try.  ``write_failed`` stays True when the
+        spool still cannot take it: the caller keeps this envelope in memory."""
+        try:
+            await self._notices()
+        except SpoolError as exc:
+            self.write_failed = True
+            event(log, "queue_write_failed", logging.ERROR, queue_id=self.env.id, error=exc)
+        if self.write_failed:
+            try:
+                await off_loop(self.ctx.spool.update, self.env)
+                self.write_failed = False
+            except SpoolError as exc:
+                event(log, "queue_write_failed", logging.ERROR, queue_id=self.env.id, error=exc)
+
+    async def _notices(self) -> None:
         env, now = self.env, self.ctx.clock()
         if self.to_bounce:
             # Store the DSN first: a crash between the two writes may send it twice,
@@ -188,8 +203,6 @@ class DeliveryPass:
             late = [r for r in env.recipients if r.state is RcptState.DEFERRED]
             await self._notify(late, bounce.DsnKind.DELAYED, now)
             env.warned = True
-            await off_loop(self.ctx.spool.update, env)
-        if self.write_failed:  # one more try to record every outcome; raises if it fails
             await off_loop(self.ctx.spool.update, env)
 
     async def _notify(self, rcpts: list[Recipient], kind: bounce.DsnKind, now: float) -> None:

@@ -75,6 +75,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()
         self._mtimes: dict[str, int] = {}
+        # Envelopes whose latest state the spool could not take (disk full), by qid.
+        self._unsaved: dict[str, QueueEnvelope] = {}
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._control = ControlSocket(
@@ -170,7 +172,7 @@ class Scheduler:
         self._mtimes = known  # forget messages that are gone; bounded by what is queued
         for qid, (due, mtime) in found.items():
             self._mtimes[qid] = mtime
-            if qid not in self._active:
+            if qid not in self._active and qid not in self._unsaved:
                 self._schedule(qid, due)
 
     # -- timing -------------------------------------------------------------------
@@ -269,13 +271,31 @@ class Scheduler:
     async def _run_message(self, qid: str) -> float | None:
         """Deliver the due recipients of *qid*; return its next due time, None if gone."""
         now = self.clock()  # one reading: what is due and whether data was read agree
+        unsaved = self._unsaved.get(qid)
+        if unsaved is not None and not self.spool.exists(qid):
+            del self._unsaved[qid]  # deleted by an operator meanwhile
+            return None
+        if unsaved is not None:
+            # Outcomes the spool could not take (disk full): what this process knows
+            # stays true - a delivered recipient is not delivered again - and nothing
+            # new is tried until the state is on disk.
+            try:
+                await off_loop(self.spool.update, unsaved)
+            except SpoolError as exc:
+                event(log, "queue_write_failed", logging.ERROR, queue_id=qid, error=exc)
+                return now + ERROR_RETRY
+            del self._unsaved[qid]
         fresh = self.spool.take_fresh(qid)  # just accepted: still in memory
         env, data = fresh if fresh is not None else await off_loop(self._load, qid, now)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
         due = due_recipients(env, now)
         if due:
-            await DeliveryPass(self._passes, env, data).run(due)
+            run = DeliveryPass(self._passes, env, data)
+            await run.run(due)
+            if run.write_failed and not env.done:
+                self._unsaved[qid] = env  # the spool is behind what happened: keep it
+                return min(now + ERROR_RETRY, self._next_due(env))
         if env.done:
             self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
             event(log, "queue_removed", queue_id=qid)

@@ -54,11 +54,13 @@ _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, 
 os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.randbits(128)))
 
 
-def durable_write(target: Path | str, chunks: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+def durable_write(
+    target: Path | str, chunks: bytes | Iterable[bytes], *, replace: bool = True
+) -> None:
     """safeio.atomic_write with spool errors: ENOSPC/EDQUOT raise SpoolFullError,
     other OS errors SpoolError; nothing half-written remains either way."""
     try:
-        atomic_write(target, chunks, mode)
+        atomic_write(target, chunks, 0o600, replace=replace)
     except OSError as exc:
         raise _spool_error(target, exc) from exc
 
@@ -69,7 +71,38 @@ def _unlink_quietly(*paths: str) -> None:
             os.unlink(path)
 
 
+SERVE_LOCK = "serve.lock"  # flock'd by the one `serve` (and its workers) using the spool
+
+
+def claim(root: Path) -> int:
+    """Take the spool for this ``serve`` (and the workers it forks, which inherit the
+    descriptor): an exclusive flock on ``serve.lock``, held until the process exits.
+    A second ``serve`` on the same spool would run recovery under the first one's
+    feet, replace its control socket and deliver its messages twice; it stops here,
+    before touching anything, with SpoolError naming the holder.  ``tls-relay queue``
+    does not claim: it is safe beside ``serve`` (per-message locks)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(root / SERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"cannot use spool {root}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SpoolError(
+            f"spool {root} is in use by another tls-relay serve (pid {holder}); "
+            "stop that one first, or give this one its own spool.path"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _spool_error(target: Path | str, exc: OSError) -> SpoolError:
+    if isinstance(exc, FileExistsError):
+        return SpoolError(f"queue id collision: {target} exists already; it was left as it was")
     kind = SpoolFullError if exc.errno in _FULL_ERRNOS else SpoolError
     return kind(f"cannot write {target}: {exc.strerror or exc}")
 
@@ -133,7 +166,7 @@ class Spool:
         head = _head(envelope)
         chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
         path = self._mpath(envelope.id)
-        durable_write(path, chunks)
+        durable_write(path, chunks, replace=False)  # a queue id collision must not overwrite
         if isinstance(data, bytes):
             with contextlib.suppress(OSError):
                 self.fresh.remember(envelope, data, _stamp(os.stat(path)))
@@ -192,7 +225,9 @@ class Spool:
                 done.set_result(None)
                 return
             os.close(fd)
-            _unlink_quietly(tmp, target)  # it failed before or after the rename
+            # It failed before or after the rename; a target that already existed is
+            # another message (a queue id collision) and stays.
+            _unlink_quietly(*((tmp,) if isinstance(exc, FileExistsError) else (tmp, target)))
             assert isinstance(exc, OSError)
             done.set_exception(_spool_error(target, exc))
 

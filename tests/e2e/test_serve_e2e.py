@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
+from tests.fixtures.net import free_port
 from tests.fixtures.rawsmtp import RawSMTP
-from tests.fixtures.relay_proc import HOST, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +97,35 @@ def test_sighup_is_logged_and_ignored(relay: RelayFactory) -> None:
     proc.wait_log("sighup_ignored")
     time.sleep(0.3)
     assert proc.running
+    with RawSMTP(HOST, proc.starttls_port) as raw:
+        assert raw.greet()[0] == 220
+    assert proc.stop() == 0
+
+
+def test_a_second_serve_on_the_same_spool_stops_before_touching_it(
+    relay: RelayFactory, tmp_path: Path
+) -> None:
+    proc = relay()
+    proc.wait_log("relay_started")
+    control = proc.spool_dir / "control.sock"
+    before = control.stat().st_ino
+    other = dict(proc.config)
+    other["listeners"] = [{"address": f"{HOST}:{free_port()}", "tls": "starttls"}]
+    other_path = tmp_path / "second.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    (proc.spool_dir / "queue" / ".tmp-left-by-first").write_bytes(b"x")  # recovery would remove
+    done = subprocess.run(
+        [str(BIN), "serve", "-c", str(other_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"spool {proc.spool_dir} is in use by another tls-relay serve (pid " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert control.stat().st_ino == before  # the first one's control socket is untouched
+    assert (proc.spool_dir / "queue" / ".tmp-left-by-first").exists()  # no recovery ran
     with RawSMTP(HOST, proc.starttls_port) as raw:
         assert raw.greet()[0] == 220
     assert proc.stop() == 0

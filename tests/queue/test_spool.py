@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.errors import CorruptMessage, MessageBusy, MessageNotFound
+from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.queue.envelope import (
     Attempt,
     AttemptOutcome,
@@ -326,3 +326,18 @@ def probe_lock(spool: Spool, qid: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+async def test_a_queue_id_collision_never_overwrites_a_message(spool: Spool) -> None:
+    """Both write paths (store, and store_soon with the Committer) refuse to replace an
+    existing message file; the first message stays whole and no temp file is left."""
+    first = make_env(spool, "a@x.test")
+    spool.store(first, b"first")
+    again = make_env(spool, "b@y.test")
+    again.id = first.id
+    with pytest.raises(SpoolError, match="queue id collision"):
+        spool.store(again, b"second")
+    with pytest.raises(SpoolError, match="queue id collision"):
+        await spool.store_soon(again, b"second, on the loop")
+    assert spool.load(first.id) == first and spool.read_data(first.id) == b"first"
+    assert sorted(os.listdir(spool.queue_dir)) == [first.id]
