@@ -21,6 +21,7 @@ Not: business logic of any step - every decision lives in the module named for i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import gc
 import logging
@@ -37,6 +38,7 @@ from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import MxResolver
 from relay.delivery.pool import SessionPool
 from relay.intake import tlscontext
+from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate
 from relay.intake.listener import Listener
 from relay.intake.users import UserDb
@@ -122,6 +124,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     spool = Spool(cfg.spool.path)
     spool.setup()
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
+    passwords = PasswordChecker(users, auth_executor()) if users is not None else None
     context = tlscontext.server_context(cfg.tls)
     limits = cfg.limits
     if worker is not None:
@@ -155,7 +158,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     )
     sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
     app.listeners = [
-        Listener(cfg, spec, spool, users, app.on_queued, context, gate, metrics, sock=sock)
+        Listener(cfg, spec, spool, passwords, app.on_queued, context, gate, metrics, sock=sock)
         for spec, sock in zip(cfg.listeners, sockets, strict=True)
     ]
     metrics.connections_active.track(lambda: gate.connections)
@@ -180,6 +183,14 @@ def new_deliverer(
     contexts = ClientContexts(cfg.ca_file)
     pool = SessionPool(cfg.per_domain_concurrency)
     return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics)
+
+
+AUTH_THREADS = 2  # scrypt checks at once, per process; more wait in line
+
+
+def auth_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The password checks' own threads (see relay.intake.auth.PasswordChecker)."""
+    return concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="auth")
 
 
 async def run(app: App) -> int:

@@ -13,6 +13,18 @@ import time
 from typing import Any
 
 _SAFE = re.compile(r"[A-Za-z0-9@._\-:/+\[\]<>,=]+")  # printed bare; anything else is quoted
+# Escaped inside quotes: C0 and C1 controls (terminal escape sequences, CR/LF that
+# would forge a second log line), DEL, Unicode line and paragraph separators, and
+# lone surrogates (undecodable client bytes).  Values come from clients: user names,
+# HELO names, addresses.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def _fmt(value: Any) -> str:
@@ -21,9 +33,7 @@ def _fmt(value: Any) -> str:
     text = str(value)
     if _SAFE.fullmatch(text):
         return text
-    escaped = (
-        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    )
+    escaped = _CONTROL.sub(_escape, text.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"{escaped}"'
 
 

@@ -36,3 +36,17 @@ def test_line_formatter_keeps_tracebacks() -> None:
 def test_values_with_spaces_or_quotes_are_quoted() -> None:
     line = format_event("ev", a="plain", b="two words", c='q"uote', d=None, e="", f="ü")
     assert line == 'ev a=plain b="two words" c="q\\"uote" d=- e="" f="ü"'
+
+
+def test_client_values_cannot_forge_lines_or_drive_a_terminal() -> None:
+    """User names, HELO names and addresses come from clients: every control character
+    is escaped, so a value can neither start a second log line nor send a terminal
+    escape sequence."""
+    forged = "2026-01-01 00:00:00,000 INFO relay.listener auth_ok user=root"
+    hostile = f"bob\r\n{forged}\x1b[2J\x85\u2028\x7f\udcff"
+    line = format_event("auth_failed", user=hostile)
+    assert line.isprintable()
+    assert line == (
+        'auth_failed user="bob\\r\\n2026-01-01 00:00:00,000 INFO relay.listener auth_ok '
+        'user=root\\x1b[2J\\x85\\u2028\\x7f\\udcff"'
+    )

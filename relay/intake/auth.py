@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from relay.intake import replies
 from relay.intake.gate import Gate, IPAddress
@@ -36,12 +37,30 @@ class Conversation(Protocol):
 
     async def reply(self, reply: Reply) -> None: ...
 
-    async def challenge_auth(self, challenge: str) -> Any: ...  # bytes, or aiosmtpd's MISSING
+    async def read_line(self) -> bytes | None: ...  # None: over the line limit (discarded)
+
+    async def close_with(self, reply: Reply) -> None: ...
+
+
+class PasswordChecker:
+    """The users database and the threads that check passwords against it.
+
+    scrypt is deliberately slow; it runs in this small executor of its own, so an AUTH
+    flood queues here and never occupies the default executor that the spool's writes
+    and the scheduler's reads run in."""
+
+    def __init__(self, users: UserDb, executor: concurrent.futures.Executor) -> None:
+        self.users = users
+        self._executor = executor
+
+    async def verify(self, user: str, password: str) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.users.verify, user, password)
 
 
 class AuthExchange:
-    def __init__(self, users: UserDb, gate: Gate, addr: IPAddress) -> None:
-        self._users = users
+    def __init__(self, passwords: PasswordChecker, gate: Gate, addr: IPAddress) -> None:
+        self._passwords = passwords
         self._gate = gate
         self._addr = addr
 
@@ -51,11 +70,19 @@ class AuthExchange:
         if credentials is None:
             return None
         user, password = credentials
-        if await asyncio.to_thread(self._users.verify, user, password):
+        if not self._gate.auth_begin(self._addr):
+            event(log, "auth_refused", logging.WARNING, client=self._addr, user=user)
+            await talk.close_with(replies.TOO_MANY_AUTH_FAILURES)
+            return None
+        ok = False
+        try:
+            ok = await self._passwords.verify(user, password)
+        finally:  # a check cut short (the client left) counts as a failure
+            failures = self._gate.auth_end(self._addr, failed=not ok)
+        if ok:
             event(log, "auth_ok", client=self._addr, user=user)
             await talk.reply(replies.AUTH_OK)
             return user
-        failures = self._gate.auth_failed(self._addr)
         event(log, "auth_failed", logging.WARNING, client=self._addr, user=user, n=failures)
         await asyncio.sleep(min(failures * DELAY_STEP, DELAY_MAX))
         await talk.reply(replies.AUTH_INVALID)
@@ -99,5 +126,18 @@ async def _response(talk: Conversation, initial: str, challenge: str) -> bytes |
         except binascii.Error:
             await talk.reply(replies.AUTH_BAD_BASE64)
             return None
-    blob = await talk.challenge_auth(challenge)  # aiosmtpd handles "*" and bad base64
-    return blob if isinstance(blob, bytes) else None
+    # RFC 4954 4: "334 " and the base64 challenge; the trailing space is mandatory.
+    await talk.reply(Reply(334, "", base64.b64encode(challenge.encode()).decode("ascii")))
+    line = await talk.read_line()
+    if line is None:  # RFC 4954 4: 500 5.5.6, and the session goes on
+        await talk.reply(replies.AUTH_LINE_TOO_LONG)
+        return None
+    line = line.strip()
+    if line == b"*":  # RFC 4954 4: the client cancels the exchange
+        await talk.reply(replies.AUTH_ABORTED)
+        return None
+    try:
+        return base64.b64decode(line, validate=True)
+    except binascii.Error:
+        await talk.reply(replies.AUTH_BAD_BASE64)
+        return None

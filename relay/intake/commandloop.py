@@ -74,6 +74,8 @@ class CommandLoop(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self.command_size_limits = {"MAIL": MAIL_LINE}  # others: COMMAND_LINE
+        self.commands = 0  # every line read as a command, known or not
+        self._max_commands = limits.max_commands
         self.peer: tuple[str, int] = ("", 0)  # the client's address, for log lines
         self._out: list[bytes] = []  # replies held back for a pipelined group (push)
         self._deadline = 0.0  # when the session times out (_reset_timeout)
@@ -87,7 +89,7 @@ class CommandLoop(SMTP):
         assert self.session is not None and not self._enforce_call_limit
         assert self._proxy_timeout is None and self.enable_SMTPUTF8
         await self.push(f"220 {self.hostname} {self.__ident__}")
-        bogus_budget = BOGUS_LIMIT
+        self._bogus_budget = BOGUS_LIMIT
         while self.transport is not None:
             try:
                 found = await self._next_command()
@@ -95,12 +97,7 @@ class CommandLoop(SMTP):
                     continue
                 command, method, arg = found
                 if method is None:
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
-                        self.transport.close()
-                        continue
-                    await self.push(f'500 Error: command "{command}" not recognized')
+                    await self._bogus(f'500 Error: command "{command}" not recognized')
                     continue
                 self._reset_timeout()
                 await method(arg)
@@ -112,12 +109,24 @@ class CommandLoop(SMTP):
 
     async def _next_command(self) -> tuple[str, Command | None, str | None] | None:
         """Read one command line: (verb, its method or None if unknown, argument),
-        or None after replying to a line that is no command at all."""
+        or None after replying to a line that is no command at all.  Every line
+        counts toward max_commands, empty and unknown ones too (else a client could
+        hold its slot forever with them)."""
         assert self.session is not None
         try:
             line: bytes = await self._reader.readuntil()
         except asyncio.LimitOverrunError as error:
             await self._discard_long_line(error.consumed)
+            line = b""
+            too_long = True
+        else:
+            too_long = False
+        self.commands += 1
+        if self.commands > self._max_commands:
+            event(log, "session_limit", client=self.peer[0], reason="max_commands")
+            await self.close_with(replies.TOO_MANY_COMMANDS)
+            return None
+        if too_long:
             await self.push("500 Command line too long")
             return None
         line = line.rstrip(b"\r\n")
@@ -126,8 +135,8 @@ class CommandLoop(SMTP):
             command = verb.upper().decode("ascii")
         except UnicodeDecodeError:
             command = ""
-        if not command:
-            await self.push("500 Error: bad syntax")
+        if not command:  # an empty line, or no verb at all: a bogus command
+            await self._bogus("500 Error: bad syntax")
             return None
         arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
         extended = self.session.extended_smtp
@@ -136,6 +145,15 @@ class CommandLoop(SMTP):
             await self.push("500 Command line too long")
             return None
         return command, self._smtp_methods.get(command), arg
+
+    async def _bogus(self, reply: str) -> None:
+        """Reply to a line that is no command we know; after BOGUS_LIMIT of them the
+        session ends (aiosmtpd's rule, applied to empty lines too)."""
+        self._bogus_budget -= 1
+        if self._bogus_budget < 1:
+            await self.close_with(replies.TOO_MANY_BOGUS)
+            return
+        await self.push(reply)
 
     async def _handle_error(self, error: Exception) -> None:
         assert self.transport is not None
@@ -149,6 +167,16 @@ class CommandLoop(SMTP):
             log.exception("handle_exception failed")
             status = "500 Error: Cannot describe error"
         await self.push(status)
+
+    async def read_line(self) -> bytes | None:
+        """One line from the client without its CRLF (an AUTH exchange), or None when it
+        was longer than the stream limit; the rest of that line is read and dropped."""
+        try:
+            line: bytes = await self._reader.readuntil()
+        except asyncio.LimitOverrunError as error:
+            await self._discard_long_line(error.consumed)
+            return None
+        return line.rstrip(b"\r\n")
 
     async def _discard_long_line(self, consumed: int) -> None:
         """Read past a command line over the stream limit (aiosmtpd does the same)."""
@@ -194,7 +222,7 @@ class CommandLoop(SMTP):
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
 
-    async def _close_with(self, reply: Reply) -> None:
+    async def close_with(self, reply: Reply) -> None:
         """From inside the session: send *reply*, stop reading, close."""
         await self.reply(reply)
         self._abort()

@@ -55,6 +55,7 @@ class Gate:
         self._failures: collections.OrderedDict[IPAddress, collections.deque[float]] = (
             collections.OrderedDict()
         )
+        self._auth_running: collections.Counter[IPAddress] = collections.Counter()
 
     @property
     def connections(self) -> int:
@@ -98,6 +99,24 @@ class Gate:
 
     def auth_blocked(self, addr: IPAddress) -> bool:
         return self.auth_failures(addr) >= self._limits.max_auth_failures
+
+    def auth_begin(self, addr: IPAddress) -> bool:
+        """Admit one password check from *addr*, or False when its failures in the window
+        plus the checks still running reach the limit.  Counting the running ones is what
+        makes the limit hold against many parallel connections from one address: each
+        would otherwise pass the check before any of them had failed."""
+        running = self._auth_running[addr]
+        if self.auth_failures(addr) + running >= self._limits.max_auth_failures:
+            return False
+        self._auth_running[addr] = running + 1
+        return True
+
+    def auth_end(self, addr: IPAddress, failed: bool) -> int:
+        """A check admitted by auth_begin is over; returns the failures in the window."""
+        self._auth_running[addr] -= 1
+        if self._auth_running[addr] <= 0:
+            del self._auth_running[addr]
+        return self.auth_failed(addr) if failed else self.auth_failures(addr)
 
     def auth_failed(self, addr: IPAddress) -> int:
         """Record one failure; returns the count inside the window, this one included."""

@@ -25,9 +25,9 @@ from typing import Any
 from relay import config
 from relay.errors import RelayError, SpoolError, SpoolFullError
 from relay.intake import message, replies
+from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate
 from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
-from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics
 from relay.queue.envelope import QueueEnvelope, Recipient
@@ -159,7 +159,7 @@ class Listener:
         cfg: config.Config,
         listener: config.ListenerConfig,
         spool: Spool,
-        users: UserDb | None,
+        passwords: PasswordChecker | None,
         on_queued: Callable[[str], None],
         ssl_context: ssl.SSLContext,
         gate: Gate,
@@ -177,7 +177,7 @@ class Listener:
             ssl_context=ssl_context,
             limits=cfg.limits,
             gate=gate,
-            users=users,
+            passwords=passwords,
             metrics=metrics,
         )
         self._server: asyncio.Server | None = None

@@ -34,6 +34,7 @@ class Reply:
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands, closing connection")
+TOO_MANY_BOGUS = Reply(502, "5.5.1", "Too many unrecognized commands, goodbye")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, try again later")
 # RFC 3207 section 4: commands other than EHLO/HELO/NOOP/RSET/QUIT/STARTTLS need TLS first.
 STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
@@ -51,6 +52,8 @@ AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail tran
 AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 AUTH_BAD_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")  # the client sent "*"
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 
 # -- envelope -----------------------------------------------------------------
 MAIL_OK = Reply(250, "2.1.0", "Ok")

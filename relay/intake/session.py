@@ -34,11 +34,10 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay.config import Limits
 from relay.intake import addresses, auth, datareader, replies
-from relay.intake.auth import AuthExchange
+from relay.intake.auth import AuthExchange, PasswordChecker
 from relay.intake.commandloop import CommandLoop
 from relay.intake.gate import Gate, IPAddress, client_address
 from relay.intake.replies import Reply
-from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics
 from relay.queue.envelope import ClientInfo
@@ -67,7 +66,7 @@ class SessionSettings:
     ssl_context: ssl.SSLContext
     limits: Limits
     gate: Gate
-    users: UserDb | None
+    passwords: PasswordChecker | None  # None: no users file, no AUTH
     metrics: Metrics
     sessions: set[RelaySMTP] = field(default_factory=set)
 
@@ -97,7 +96,6 @@ class RelaySMTP(CommandLoop):
         self.phase = Phase.COMMAND
         self.shutdown_requested = False
         self.messages = 0
-        self._commands = 0
         self._admitted = self._refused = self._lost = False
         self._addr: IPAddress = ipaddress.IPv4Address(0)
         self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
@@ -138,7 +136,7 @@ class RelaySMTP(CommandLoop):
             **self._log_tls(),
             helo=self.session.host_name if self.session else None,
             user=self._last_user,
-            commands=self._commands,
+            commands=self.commands,
             messages=self.messages,
         )
         super().connection_lost(error)
@@ -198,11 +196,6 @@ class RelaySMTP(CommandLoop):
         self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
-            self._commands += 1
-            if self._commands > self.settings.limits.max_commands:
-                event(log, "session_limit", client=self.peer[0], reason="max_commands")
-                await self._close_with(replies.TOO_MANY_COMMANDS)
-                return
             if name not in ALLOWED_BEFORE_TLS and not self.tls_active():
                 await self.reply(replies.STARTTLS_FIRST)
                 return
@@ -227,7 +220,7 @@ class RelaySMTP(CommandLoop):
         lines += ["8BITMIME", "SMTPUTF8", "PIPELINING"]
         if not self.tls_active():
             lines.append("STARTTLS")
-        elif self.settings.users is not None:
+        elif self.settings.passwords is not None:
             lines.append("AUTH " + " ".join(auth.MECHANISMS))  # RFC 4954: only inside TLS
         for index, line in enumerate(lines):
             await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
@@ -247,7 +240,7 @@ class RelaySMTP(CommandLoop):
         assert self.session is not None and self.envelope is not None
         if not self.session.host_name or not self.session.extended_smtp:
             return replies.BAD_SEQUENCE_HELO
-        if self.settings.users is None:
+        if self.settings.passwords is None:
             return replies.AUTH_UNAVAILABLE
         if self.session.authenticated:
             return replies.AUTH_ALREADY
@@ -264,11 +257,11 @@ class RelaySMTP(CommandLoop):
             return
         if self.settings.gate.auth_blocked(self._addr):
             event(log, "auth_refused", logging.WARNING, client=self.peer[0])
-            await self._close_with(replies.TOO_MANY_AUTH_FAILURES)
+            await self.close_with(replies.TOO_MANY_AUTH_FAILURES)
             return
-        assert arg is not None and self.settings.users is not None and self.session is not None
+        assert arg is not None and self.settings.passwords is not None and self.session is not None
         mechanism, _, initial = arg.strip().partition(" ")
-        exchange = AuthExchange(self.settings.users, self.settings.gate, self._addr)
+        exchange = AuthExchange(self.settings.passwords, self.settings.gate, self._addr)
         user = await exchange.run(self, mechanism, initial.strip())
         if user is not None:
             self.session.authenticated = True
@@ -303,7 +296,9 @@ class RelaySMTP(CommandLoop):
         if self.session.authenticated or self.settings.gate.may_relay_unauthenticated(self._addr):
             return None
         # Default deny: without users nobody outside the networks can ever relay.
-        return replies.AUTH_REQUIRED if self.settings.users is not None else replies.RELAY_DENIED
+        return (
+            replies.AUTH_REQUIRED if self.settings.passwords is not None else replies.RELAY_DENIED
+        )
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -338,7 +333,7 @@ class RelaySMTP(CommandLoop):
         if self.transport is not None:
             self._reset_timeout()
         if self.shutdown_requested:
-            await self._close_with(replies.SHUTTING_DOWN)
+            await self.close_with(replies.SHUTTING_DOWN)
 
     async def _data(self, arg: str | None) -> None:
         """aiosmtpd's DATA, with the data read in chunks (see datareader.py)."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import ipaddress
 import smtplib
 import socket
 import ssl
+import threading
 
 import pytest
 
@@ -156,6 +159,39 @@ async def test_auth_failures_are_slowed_then_refused(intake: IntakeFactory) -> N
     first, second, blocked = await asyncio.to_thread(run)
     assert first == second == (535, "5.7.8 Authentication credentials invalid")
     assert blocked[0] == 421 and blocked[1].startswith("4.7.0")
+
+
+async def test_auth_failure_limit_holds_under_parallel_connections(intake: IntakeFactory) -> None:
+    """Issue 10, item 4: checks still running count against the limit, so eight
+    connections from one address guessing at once get at most max_auth_failures 535s."""
+    h = await intake(networks=[], users={"alice": "right"}, limits={"max_auth_failures": 2})
+    barrier = threading.Barrier(8, timeout=20)
+
+    def guess(n: int) -> int:
+        with session(HOST, h.implicit_port, h.client_context(), implicit=True) as raw:
+            raw.cmd("EHLO c.test")
+            barrier.wait()  # all eight send AUTH at the same moment
+            return raw.cmd(f"AUTH PLAIN {plain('alice', f'wrong{n}')}")[0]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(await asyncio.to_thread(lambda: list(pool.map(guess, range(8)))))
+    assert codes.count(535) <= 2, codes
+    assert codes.count(421) >= 6, codes
+    assert h.gate.auth_failures(ipaddress.ip_address(HOST)) <= 2
+
+
+async def test_an_over_long_auth_response_gets_500(intake: IntakeFactory) -> None:
+    h = await intake(networks=[], users={"alice": "right"})
+
+    def run() -> tuple[tuple[int, str], tuple[int, str]]:
+        with session(HOST, h.implicit_port, h.client_context(), implicit=True) as raw:
+            assert raw.cmd("AUTH LOGIN")[0] == 334
+            too_long = raw.cmd("QUFB" * 5000)  # a 20 000-character "user name"
+            return too_long, raw.cmd("NOOP")
+
+    too_long, after = await asyncio.to_thread(run)
+    assert too_long[0] == 500 and too_long[1].startswith("5.5.6"), too_long
+    assert after[0] == 250  # the session goes on
 
 
 async def test_auth_not_offered_without_users(intake: IntakeFactory) -> None:

@@ -314,7 +314,10 @@ async def test_command_loop_errors(intake: IntakeFactory) -> None:
             got.append(raw.cmd("NOOP " + "x" * 600))  # over 512 octets
             got.append(raw.cmd(b"NOOP " + b"y" * 5000))  # over the stream's line limit
             got.append(raw.cmd("NOOP"))  # still in step after all that
-            got += [raw.cmd(f"FOO{n}") for n in range(5)]  # the fifth ends the session
+            # The empty line and the non-ASCII verb were bogus commands too: the fifth
+            # bogus line (FOO2) ends the session.
+            got += [raw.cmd(f"FOO{n}") for n in range(3)]
+            assert raw.is_closed()
             return got
 
     got = await asyncio.to_thread(run)
@@ -323,5 +326,23 @@ async def test_command_loop_errors(intake: IntakeFactory) -> None:
     assert got[2] == (500, "5.5.2 Command line too long")
     assert got[3] == (500, "5.5.2 Command line too long")
     assert got[4][0] == 250
-    assert got[5:9] == [(500, f'Error: command "FOO{n}" not recognized') for n in range(4)]
-    assert got[9] == (502, "5.5.1 Too many unrecognized commands, goodbye.")
+    assert got[5:7] == [(500, f'Error: command "FOO{n}" not recognized') for n in range(2)]
+    assert got[7] == (502, "5.5.1 Too many unrecognized commands, goodbye")
+
+
+async def test_empty_lines_and_unknown_verbs_count_toward_max_commands(
+    intake: IntakeFactory,
+) -> None:
+    """A client must not hold its slot forever with lines that are no commands."""
+    h = await intake(limits={"max_commands": 3})
+
+    def run() -> list[tuple[int, str]]:
+        with RawSMTP(HOST, h.starttls_port) as raw:
+            raw.greet()
+            raw.send(b"\r\nXYZZY\r\n\r\nNOOP\r\n")
+            out = read_replies(raw, 4)
+            assert raw.is_closed()
+            return out
+
+    replies = await asyncio.to_thread(run)
+    assert [c for c, _ in replies] == [500, 500, 500, 421]
