@@ -13,7 +13,10 @@ written here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -58,11 +61,23 @@ def run(
         if command is None:
             raise RelayError(f"unknown queue command {args.queue_command!r}")
         return command(ctx, args)
+    except BrokenPipeError:
+        return _pipe_closed()
     except MessageNotFound:
         print(f"{PREFIX}: no such message: {getattr(args, 'id', None)}", file=err or sys.stderr)
     except (RelayError, OSError) as exc:
         print(f"{PREFIX}: {exc}", file=err or sys.stderr)
     return 1
+
+
+def _pipe_closed() -> int:
+    """The reader went away (``queue list | head``): end quietly, as a tool killed by
+    SIGPIPE does.  stdout is pointed at /dev/null so the interpreter's last flush at
+    exit cannot raise BrokenPipeError again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 # -- reading ---------------------------------------------------------------------

@@ -291,3 +291,20 @@ def test_queue_list_json_as_subprocess(q: Q) -> None:
         check=False,
     )
     assert (proc.returncode, proc.stderr) == (1, "tls-relay queue: no such message: NOPE1\n")
+
+
+def test_queue_list_into_head_ends_quietly(q: Q) -> None:
+    """`tls-relay queue list | head` must not end with a BrokenPipe traceback."""
+    for n in range(400):  # well over a pipe buffer of output
+        q.add(*(f"rcpt{n}-{i}@example.test" for i in range(5)))
+    cmd = f"'{VENV_BIN / 'tls-relay'}' queue list -c '{q.cfg_path}' | head -n 1"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stdout.count("\n") == 1
+    assert proc.stderr == ""
+    assert proc.returncode in (0, 141)  # 141: ended by the closed pipe, as `ls | head`
