@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _SAFE = re.compile(r"[A-Za-z0-9@._\-:/+\[\]<>,=]+")  # printed bare; anything else is quoted
@@ -47,6 +48,33 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
     """Log one structured line."""
     if logger.isEnabledFor(level):
         logger.log(level, format_event(name, **fields))
+
+
+class Throttle:
+    """At most *burst* lines per *interval* seconds for one kind of event, so a scan
+    (thousands of failed TLS handshakes) cannot flood the log; the next line let
+    through says how many were held back."""
+
+    def __init__(
+        self, burst: int = 10, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._burst, self._interval, self._clock = burst, interval, clock
+        self._start = -interval
+        self._used = 0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None: do not log this one.  Otherwise log it, with the returned count of
+        lines held back since the last one logged."""
+        now = self._clock()
+        if now - self._start >= self._interval:
+            self._start, self._used = now, 0
+        if self._used >= self._burst:
+            self._held += 1
+            return None
+        self._used += 1
+        held, self._held = self._held, 0
+        return held
 
 
 class LineFormatter(logging.Formatter):

@@ -227,7 +227,14 @@ class CommandLoop(SMTP):
         await self.reply(reply)
         self._abort()
 
+    def _closing(self) -> None:
+        """The relay is closing this session (a hook: the session frees its slot)."""
+
+    def _handshake_failed(self, error: BaseException) -> None:
+        """A client's TLS handshake failed (a hook: the session logs it, throttled)."""
+
     def _abort(self) -> None:
+        self._closing()
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         if self.transport is not None:
@@ -257,7 +264,7 @@ class CommandLoop(SMTP):
                 ssl_handshake_timeout=handshake_timeout,
             )
         except OSError as error:  # SSLError, resets and the handshake timeout
-            event(log, "starttls_failed", client=self.peer[0], error=error)
+            self._handshake_failed(error)
             self._abort()
             return None
         if tls is None or plain.is_closing():
@@ -303,4 +310,5 @@ class CommandLoop(SMTP):
         # RFC 5321 4.5.3.2 timeouts; 421 so the client knows why (RFC 5321 3.8).
         self._write_raw(b"421 4.4.2 Timeout, closing connection\r\n")
         event(log, "session_timeout", client=self.peer[0], phase=self.phase_name())
+        self._closing()
         super()._timeout_cb()  # type: ignore[no-untyped-call]

@@ -26,17 +26,25 @@ from relay import config
 from relay.errors import RelayError, SpoolError, SpoolFullError
 from relay.intake import message, replies
 from relay.intake.auth import PasswordChecker
-from relay.intake.gate import Gate
-from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP, SessionSettings
+from relay.intake.gate import Gate, client_address
+from relay.intake.session import (
+    IntakeEnvelope,
+    Phase,
+    RelaySMTP,
+    SessionSettings,
+    log_handshake_failure,
+)
 from relay.log import event
 from relay.metrics import Metrics
 from relay.queue.envelope import QueueEnvelope, Recipient
 from relay.queue.spool import Spool
+from relay.workers import bind
 
 log = logging.getLogger("relay.listener")
 
-HANDSHAKE_TIMEOUT = 30.0  # implicit TLS: bound on the handshake before any SMTP
 STOP_GRACE = 10.0  # stop(): how long a message being stored may take to finish
+HANDSHAKE_TIMEOUT = 10.0  # implicit TLS: seconds a client gets for its handshake
+ACCEPT_PAUSE = 0.1  # after a failed accept (out of file descriptors): seconds to wait
 
 
 class Intake:
@@ -180,7 +188,11 @@ class Listener:
             passwords=passwords,
             metrics=metrics,
         )
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # STARTTLS listeners
+        self._listening: socket.socket | None = None  # implicit-TLS listeners: own accept loop
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     @property
     def sessions(self) -> set[RelaySMTP]:
@@ -189,6 +201,8 @@ class Listener:
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
+        if self._listening is not None:
+            return int(self._listening.getsockname()[1])
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -197,28 +211,72 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        implicit = self._settings.implicit_tls
         try:
-            where: dict[str, Any] = (
-                {"sock": self._sock}
-                if self._sock is not None  # bound once by the workers' supervisor
-                else {"host": self.config.host, "port": self.config.port, "reuse_address": True}
-            )
-            self._server = await loop.create_server(
-                self._protocol,
-                ssl=self._settings.ssl_context if implicit else None,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None,
-                **where,
-            )
+            if self._settings.implicit_tls:
+                self._listening = self._sock or bind(self.config.host, self.config.port)
+                self._accepting = loop.create_task(self._accept(self._listening))
+            else:
+                where: dict[str, Any] = (
+                    {"sock": self._sock}
+                    if self._sock is not None  # bound once by the workers' supervisor
+                    else {"host": self.config.host, "port": self.config.port, "reuse_address": True}
+                )
+                self._server = await loop.create_server(self._protocol, **where)
         except OSError as exc:
             raise RelayError(f"cannot listen on {self.config.address}: {exc}") from exc
         event(log, "listener_start", address=self.config.address, tls=self.config.tls.value)
 
+    # -- implicit TLS (RFC 8314): admission at accept, then the handshake -----------------
+    async def _accept(self, listening: socket.socket) -> None:
+        """The accept loop of an implicit-TLS listener.  asyncio's own TLS server would
+        count a connection only once its handshake finished (a cheap way to hold many
+        handshakes open) and could answer an over-cap client only after a handshake."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listening)
+            except OSError as exc:  # EMFILE and the like: wait a moment, go on
+                event(log, "accept_failed", logging.WARNING, address=self.config.address, error=exc)
+                await asyncio.sleep(ACCEPT_PAUSE)
+                continue
+            task = loop.create_task(self._handshake(conn, str(peer[0])))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, client: str) -> None:
+        """Count the connection now; over a cap close it at once (a 421 would need the
+        handshake it avoids); else the TLS handshake, bounded, inside the slot."""
+        addr = client_address(client)
+        gate = self._settings.gate
+        if self._stopping or not gate.admit(addr):
+            conn.close()
+            event(log, "session_refused", client=client, reason="connection limit")
+            return
+        timeout = min(HANDSHAKE_TIMEOUT, self._settings.limits.command_timeout)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: RelaySMTP(self._intake, self._settings, preadmitted=True),
+                conn,
+                ssl=self._settings.ssl_context,
+                ssl_handshake_timeout=timeout,
+            )
+        except OSError as error:  # SSLError, resets, the handshake timeout (TimeoutError)
+            gate.release(addr)
+            conn.close()
+            log_handshake_failure(self._settings, client, error)
+        except BaseException:
+            gate.release(addr)
+            conn.close()
+            raise
+
     async def stop(self) -> None:
         """Stop accepting; sessions get 421 (one in DATA stores nothing); spool writes finish."""
-        if self._server is None:
+        if self._server is None and self._listening is None:
             return
-        self._server.close()
+        self._stopping = True
+        await self._stop_accepting()
+        if self._server is not None:
+            self._server.close()
         for session in list(self.sessions):
             session.shutdown()
         if self._intake.storing:
@@ -227,7 +285,19 @@ class Listener:
             if not self.sessions:
                 break
             await asyncio.sleep(0.05)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
         event(log, "listener_stop", address=self.config.address, open_sessions=len(self.sessions))
         self._server = None
+
+    async def _stop_accepting(self) -> None:
+        """Implicit TLS: end the accept loop and the handshakes in progress."""
+        tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None

@@ -38,11 +38,13 @@ from relay.intake.auth import AuthExchange, PasswordChecker
 from relay.intake.commandloop import CommandLoop
 from relay.intake.gate import Gate, IPAddress, client_address
 from relay.intake.replies import Reply
-from relay.log import event
+from relay.log import Throttle, event
 from relay.metrics import Metrics
 from relay.queue.envelope import ClientInfo
+from relay.tlspolicy.contexts import describe_handshake_error
 
 log = logging.getLogger("relay.listener")
+
 
 # RFC 3207 section 4: before TLS only these; the rest gets 530 5.7.0.
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "STARTTLS"})
@@ -68,6 +70,7 @@ class SessionSettings:
     gate: Gate
     passwords: PasswordChecker | None  # None: no users file, no AUTH
     metrics: Metrics
+    handshake_log: Throttle = field(default_factory=Throttle)  # failed handshakes, per listener
     sessions: set[RelaySMTP] = field(default_factory=set)
 
 
@@ -79,10 +82,28 @@ class IntakeEnvelope(SmtpEnvelope):
         self.rcpt_params: list[list[str]] = []
 
 
+def log_handshake_failure(settings: SessionSettings, client: str, error: BaseException) -> None:
+    """One line per failed client TLS handshake (STARTTLS or implicit), at most a burst
+    per minute per listener, so a scan cannot flood the log."""
+    held = settings.handshake_log.allow()
+    if held is not None:
+        event(
+            log,
+            "tls_handshake_failed",
+            logging.WARNING,
+            client=client,
+            listener=settings.listener_name,
+            error=describe_handshake_error(error),
+            suppressed=held or None,
+        )
+
+
 class RelaySMTP(CommandLoop):
     """One client connection with tls-relay's rules (see the module docstring)."""
 
-    def __init__(self, handler: Any, settings: SessionSettings) -> None:
+    def __init__(
+        self, handler: Any, settings: SessionSettings, *, preadmitted: bool = False
+    ) -> None:
         super().__init__(
             handler,
             hostname=settings.hostname,
@@ -96,17 +117,22 @@ class RelaySMTP(CommandLoop):
         self.phase = Phase.COMMAND
         self.shutdown_requested = False
         self.messages = 0
-        self._admitted = self._refused = self._lost = False
+        self._admitted = self._refused = self._lost = self._freed = False
+        self._preadmitted = preadmitted  # counted at accept by the listener (implicit TLS)
         self._addr: IPAddress = ipaddress.IPv4Address(0)
         self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
         self._last_user: str | None = None
 
     # -- connection ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admission: the caps are checked here for a STARTTLS listener; an implicit-TLS
+        connection was admitted by the listener at accept, before its handshake."""
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1]))
         self._addr = client_address(self.peer[0])
-        if self.shutdown_requested or not self.settings.gate.admit(self._addr):
+        if not self._preadmitted and (
+            self.shutdown_requested or not self.settings.gate.admit(self._addr)
+        ):
             self._refused = True
             # Not isinstance(asyncio.Transport): uvloop's transports are not subclasses.
             writer = cast(asyncio.WriteTransport, transport)
@@ -121,12 +147,31 @@ class RelaySMTP(CommandLoop):
         self._note_tls(transport)
         event(log, "session_open", client=self.peer[0], port=self.peer[1], **self._log_tls())
 
+    def _handshake_failed(self, error: BaseException) -> None:
+        """STARTTLS failed: the slot is free at once; logged, throttled per listener."""
+        self._free_slot()
+        log_handshake_failure(self.settings, self.peer[0], error)
+
+    def _free_slot(self) -> None:
+        """Give the connection slot back, once: when the relay closes a session (not
+        only when the peer has answered TLS close_notify), or when it is gone."""
+        if self._admitted and not self._freed:
+            self._freed = True
+            self.settings.gate.release(self._addr)
+            self.settings.sessions.discard(self)
+
+    def _closing(self) -> None:
+        self._free_slot()
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await super().smtp_QUIT(arg)
+        self._free_slot()  # the 221 is sent and the transport closing: the slot is free
+
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted or self._lost:
             return
         self._lost = True
-        self.settings.gate.release(self._addr)
-        self.settings.sessions.discard(self)
+        self._free_slot()
         event(
             log,
             "session_close",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -129,3 +130,31 @@ def test_a_second_serve_on_the_same_spool_stops_before_touching_it(
     with RawSMTP(HOST, proc.starttls_port) as raw:
         assert raw.greet()[0] == 220
     assert proc.stop() == 0
+
+
+def test_implicit_tls_counts_from_accept_and_closes_over_the_cap_at_once(
+    relay: RelayFactory,
+) -> None:
+    """On serve: a silent connection to the implicit-TLS port takes the IP's only slot
+    before any handshake; the next implicit client is closed without a handshake and
+    a STARTTLS client gets 421; when the silent one leaves, the slot is free again."""
+    proc = relay(limits={"max_connections_per_ip": 1, "max_connections": 10})
+    silent = socket.create_connection((HOST, proc.implicit_port), timeout=5)
+    try:
+        time.sleep(0.3)  # bounded: the relay has accepted it by then
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            RawSMTP(HOST, proc.implicit_port, implicit=proc.client_context()).close()
+        with RawSMTP(HOST, proc.starttls_port) as raw:
+            assert raw.greet()[0] == 421
+    finally:
+        silent.close()
+    code = 0
+    for _ in range(50):  # bounded: 5 s
+        with RawSMTP(HOST, proc.implicit_port, implicit=proc.client_context()) as raw:
+            code = raw.greet()[0]
+        if code == 220:
+            break
+        time.sleep(0.1)
+    assert code == 220
+    assert "tls_handshake_failed" in proc.log_text()
+    _no_tracebacks(proc)

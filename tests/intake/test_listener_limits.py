@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -119,15 +120,19 @@ async def test_oversize_data_is_552(intake: IntakeFactory) -> None:
 
 
 async def test_connection_cap_per_ip(intake: IntakeFactory) -> None:
+    """Over the per-IP cap a STARTTLS client gets 421 4.7.0; an implicit-TLS client is
+    closed at once, before any handshake (a 421 would need one); the caps are shared."""
     h = await intake(limits={"max_connections_per_ip": 1, "max_connections": 5})
 
     def run() -> tuple[tuple[int, str], bool, int]:
         with RawSMTP(HOST, h.starttls_port) as first:
             first.greet()
-            with RawSMTP(HOST, h.implicit_port, implicit=h.client_context()) as second:
+            with RawSMTP(HOST, h.starttls_port) as second:
                 refused, closed = second.greet(), second.is_closed()
+            with pytest.raises((ssl.SSLError, ConnectionError)):  # no ServerHello, ever
+                RawSMTP(HOST, h.implicit_port, implicit=h.client_context()).close()
             first.cmd("QUIT")
-        for _ in range(50):  # the slot frees once the server saw the close
+        for _ in range(50):  # bounded
             if h.gate.connections == 0:
                 break
             time.sleep(0.05)
@@ -137,6 +142,81 @@ async def test_connection_cap_per_ip(intake: IntakeFactory) -> None:
     refused, closed, later = await asyncio.to_thread(run)
     assert refused == (421, "4.7.0 Too many connections, try again later") and closed
     assert later == 220
+
+
+async def test_implicit_tls_counts_from_accept_with_a_short_handshake_timeout(
+    intake: IntakeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection to the implicit-TLS port holds its slot from accept, before any
+    handshake; one that never sends a ClientHello is closed at the handshake timeout
+    (here the command timeout, 0.5 s, as it is shorter) and the slot is free again."""
+    h = await intake(limits={"max_connections_per_ip": 1, "command_timeout": 0.5})
+
+    def run() -> tuple[int, tuple[int, str], bytes, float]:
+        silent = socket.create_connection((HOST, h.implicit_port), timeout=5)
+        for _ in range(50):  # bounded: the accept is seen within moments
+            if h.gate.connections == 1:
+                break
+            time.sleep(0.02)
+        held = h.gate.connections
+        with RawSMTP(HOST, h.starttls_port) as other:
+            refused = other.greet()
+        started = time.monotonic()
+        eof = silent.recv(100)  # the relay gives up on the handshake
+        waited = time.monotonic() - started
+        silent.close()
+        return held, refused, eof, waited
+
+    held, refused, eof, waited = await asyncio.to_thread(run)
+    assert held == 1 and refused[0] == 421
+    assert eof == b"" and waited < 5
+    for _ in range(50):
+        if h.gate.connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert h.gate.connections == 0
+    assert any("tls_handshake_failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_failed_handshakes_are_logged_throttled(
+    intake: IntakeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scan of failed handshakes (here 15 garbage ClientHellos) logs at most a burst
+    of ten lines per minute and listener, each with OpenSSL's reason."""
+    h = await intake()
+
+    def run() -> None:
+        for _ in range(15):
+            with socket.create_connection((HOST, h.implicit_port), timeout=5) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05hello, not TLS\r\n")
+                sock.recv(100)  # closed by the relay
+
+    await asyncio.to_thread(run)
+    await asyncio.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if "tls_handshake_failed" in r.getMessage()]
+    assert 1 <= len(lines) <= 10, lines
+    assert all("error=" in line and "listener=" in line for line in lines)
+
+
+async def test_a_session_the_relay_closed_frees_its_slot_at_once(intake: IntakeFactory) -> None:
+    """After 221 the slot is free, though the client has not answered close_notify
+    (nor closed its socket): a slow client cannot keep slots by never finishing."""
+    h = await intake(limits={"max_connections_per_ip": 1})
+
+    def run() -> int:
+        raw = RawSMTP(HOST, h.implicit_port, implicit=h.client_context())
+        try:
+            raw.greet()
+            assert raw.cmd("QUIT")[0] == 221
+            for _ in range(50):  # bounded; the client socket stays open meanwhile
+                if h.gate.connections == 0:
+                    break
+                time.sleep(0.02)
+            return h.gate.connections
+        finally:
+            raw.sock.close()
+
+    assert await asyncio.to_thread(run) == 0
 
 
 async def test_connect_and_close_frees_the_slot(intake: IntakeFactory) -> None:
@@ -346,3 +426,20 @@ async def test_empty_lines_and_unknown_verbs_count_toward_max_commands(
 
     replies = await asyncio.to_thread(run)
     assert [c for c, _ in replies] == [500, 500, 500, 421]
+
+
+async def test_connect_and_close_on_the_implicit_port_frees_the_slot(
+    intake: IntakeFactory,
+) -> None:
+    h = await intake(limits={"max_connections_per_ip": 1, "max_connections": 5})
+
+    def run() -> int:
+        for _ in range(3):
+            socket.create_connection((HOST, h.implicit_port), timeout=5).close()
+        for _ in range(100):  # bounded: 2 s
+            if h.gate.connections == 0:
+                break
+            time.sleep(0.02)
+        return h.gate.connections
+
+    assert await asyncio.to_thread(run) == 0
