@@ -24,6 +24,7 @@ import dns.exception
 import dns.name
 import dns.rcode
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from relay.config import ResolverConfig, Route
@@ -170,6 +171,22 @@ class MxResolver:
         if self._setup_error:
             return ()
         return (await self._host_addresses(dns_name(host))).addresses
+
+    async def txt(self, name: str) -> tuple[str, ...] | None:
+        """The TXT records of *name*, each record's strings joined (RFC 8461 3.1):
+        empty when there are none (NXDOMAIN or no TXT), None when the lookup failed."""
+        if self._setup_error:
+            return None
+        answer, outcome, _ = await self._query(name, "TXT")
+        if outcome is _Lookup.TRANSIENT:
+            return None
+        if answer is None:
+            return ()
+        return tuple(
+            b"".join(rd.strings).decode("utf-8", "replace")
+            for rd in answer
+            if isinstance(rd, dns.rdtypes.ANY.TXT.TXT)
+        )
 
     # ---- MX sets -----------------------------------------------------------------------------
 
