@@ -47,6 +47,8 @@ from relay.metrics import Metrics, MetricsServer
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool, claim
 from relay.tlspolicy.contexts import ClientContexts
+from relay.tlspolicy.stsfetch import StsFetcher
+from relay.tlspolicy.ststore import StsPolicies
 
 log = logging.getLogger("relay.app")
 
@@ -86,16 +88,15 @@ class App:
             await self.scheduler.stop(0)
             raise
         policy = self.cfg.policy
-        if policy.mta_sts or policy.dane:
-            # Said at every start, so nobody believes MTA-STS/DANE are enforced.
+        if policy.dane:
+            # Said at every start, so nobody believes DANE is enforced.
             event(
                 log,
                 "policy_not_enforced",
                 logging.WARNING,
-                mta_sts=policy.mta_sts,
                 dane=policy.dane,
-                reason="MTA-STS and DANE are not implemented in this version; "
-                "only the static policy applies",
+                reason="DANE is not implemented in this version; "
+                "the static policy and MTA-STS apply",
             )
         event(
             log,
@@ -137,7 +138,8 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     gate = Gate(limits, cfg.clients.networks)  # caps are per process, not per listener
     metrics = Metrics()
     resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics)
+    sts = mta_sts(cfg, resolver) if cfg.policy.mta_sts else None
+    deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics, sts)
     scheduler = Scheduler(
         spool,
         deliverer,
@@ -175,6 +177,7 @@ def new_deliverer(
     hostname: str,
     resolver: MxResolver,
     metrics: Metrics,
+    sts: StsPolicies | None = None,
 ) -> Deliverer:
     """The deliverer with its client TLS contexts (built once: loading a CA bundle is
     costly) and its pool of idle sessions (as many per MX address as may be busy at
@@ -182,7 +185,14 @@ def new_deliverer(
     steady load)."""
     contexts = ClientContexts(cfg.ca_file)
     pool = SessionPool(cfg.per_domain_concurrency)
-    return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics)
+    return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics, sts)
+
+
+def mta_sts(cfg: Config, resolver: MxResolver) -> StsPolicies:
+    """MTA-STS (RFC 8461): TXT and mta-sts.DOMAIN through the relay's resolver, the
+    policy over HTTPS against the same CA store as `verify`, cached under the spool."""
+    fetcher = StsFetcher(resolver.addresses, cfg.delivery.ca_file, port=cfg.delivery.mta_sts_port)
+    return StsPolicies(cfg.spool.path / "mta-sts", resolver.txt, fetcher)
 
 
 AUTH_THREADS = 2  # scrypt checks at once, per process; more wait in line

@@ -158,6 +158,12 @@ class Metrics:
             "Attempts at one MX address that failed the TLS requirement (STARTTLS missing, "
             "handshake, certificate, version); each defers to the next MX.",
         )
+        self.mta_sts_testing = self.counter(
+            "tls_relay_mta_sts_testing_total",
+            "MTA-STS policies in mode testing, judged as enforce would at one MX address: "
+            "pass or fail (delivery went on either way).",
+            ("result",),
+        )
         self.bounces = self.counter(
             "tls_relay_bounces_generated_total", "Failure DSNs (bounces) queued for senders."
         )

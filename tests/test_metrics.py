@@ -108,6 +108,7 @@ def test_render_parses_back_line_by_line() -> None:
         "tls_relay_messages_rejected_total": "counter",
         "tls_relay_deliveries_total": "counter",
         "tls_relay_tls_failures_total": "counter",
+        "tls_relay_mta_sts_testing_total": "counter",
         "tls_relay_bounces_generated_total": "counter",
         "tls_relay_queue_messages": "gauge",
         "tls_relay_queue_held": "gauge",

@@ -26,13 +26,14 @@ _DELIVERY_DURATIONS = ("connect_timeout", "command_timeout", "attempt_deadline")
 
 def section(ctx: check.Ctx, raw: Any) -> DeliveryConfig:
     """The `delivery:` mapping; problems go to *ctx*, defaults fill what is absent."""
-    known = ("port", "resolver", "routes", "connection_reuse", "ca_file")
+    known = ("port", "mta_sts_port", "resolver", "routes", "connection_reuse", "ca_file")
     data = (
         check.mapping(ctx, "delivery", raw, (*known, *_DELIVERY_INTS, *_DELIVERY_DURATIONS)) or {}
     )
     kwargs: dict[str, Any] = {}
-    if "port" in data:
-        kwargs["port"] = check.integer(ctx, "delivery.port", data["port"], 1, 65535)
+    for key in ("port", "mta_sts_port"):
+        if key in data:
+            kwargs[key] = check.integer(ctx, f"delivery.{key}", data[key], 1, 65535)
     for key in _DELIVERY_INTS:
         if key in data:
             kwargs[key] = check.integer(ctx, f"delivery.{key}", data[key])

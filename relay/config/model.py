@@ -123,6 +123,7 @@ class Route:
 @dataclass(frozen=True)
 class DeliveryConfig:
     port: int = 25
+    mta_sts_port: int = 443  # port of https://mta-sts.DOMAIN (labs and tests override it)
     resolver: ResolverConfig | None = None  # None: the system resolver
     concurrency: int = 200
     per_domain_concurrency: int = 20

@@ -29,10 +29,18 @@ def summary(cfg: Config) -> str:
         *_route_lines(cfg.delivery.routes),
         _policy_line(cfg.policy),
     ]
-    if cfg.policy.mta_sts or cfg.policy.dane:
+    lines.append(
+        "mta-sts: "
+        + (
+            f"on (policies from port {cfg.delivery.mta_sts_port}, cached under the spool)"
+            if cfg.policy.mta_sts
+            else "off"
+        )
+    )
+    if cfg.policy.dane:
         lines.append(
-            "note: MTA-STS and DANE lookups are not implemented yet in this version; "
-            "the static policy above is what applies"
+            "note: DANE is not implemented yet in this version; the static policy "
+            "and MTA-STS are what apply"
         )
     return "\n".join(lines)
 

@@ -22,11 +22,13 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
-from relay.config import DeliveryConfig, PolicyConfig, TlsLevel
-from relay.delivery.mx import MxResolver, MxStatus, route_for
+from relay.config import DeliveryConfig, PolicyConfig, Route
+from relay.delivery.mx import MxHost, MxResolver, MxStatus, route_for
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
+from relay.delivery.progress import Progress, log_attempt
 from relay.delivery.session import (
     Failure,
     OutboundSession,
@@ -35,68 +37,19 @@ from relay.delivery.session import (
     open_session,
     polite_quit,
 )
-from relay.delivery.transaction import Transaction, TxResult, transact
+from relay.delivery.transaction import Transaction, transact
 from relay.domains import Domain
 from relay.log import event
 from relay.metrics import Metrics
-from relay.tlspolicy.contexts import ClientContexts
-from relay.tlspolicy.verdict import Observed, Requirement, Verdict, decide, requirement
+from relay.tlspolicy.contexts import ClientContexts, ContextKey
+from relay.tlspolicy.mtasts import Mode, StsPolicy, mx_allowed
+from relay.tlspolicy.ststore import StsPolicies
+from relay.tlspolicy.verdict import Requirement, Verdict, decide, requirement
 
 log = logging.getLogger("relay.delivery")
 
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
-_LOG_OUTCOME = {
-    Status.DELIVERED: "delivered",
-    Status.TRANSIENT: "deferred",
-    Status.PERMANENT: "bounced",
-}
-
-
-class _Progress:
-    """Mutable state of one deliver() call: outcomes so far and the reasons seen."""
-
-    def __init__(self, queue_id: str, recipients: Sequence[tuple[str, Sequence[str]]]) -> None:
-        self.queue_id = queue_id
-        self.recipients = list(recipients)
-        self.outcomes: list[Outcome | None] = [None] * len(self.recipients)
-        self.reasons: list[str] = []
-        self.trace = Trace()
-        self.target: Target | None = None  # the address being tried, for the deadline's log
-
-    def pending(self) -> list[int]:
-        return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
-
-    def record(
-        self, pending: list[int], result: TxResult, session: OutboundSession
-    ) -> dict[tuple[Status, str], list[int]]:
-        """Store a transaction's decisions; recipients grouped by (status, reason)."""
-        groups: dict[tuple[Status, str], list[int]] = {}
-        target = session.target
-        for j, decision in result.decided.items():
-            i = pending[j]
-            address = self.recipients[i][0]
-            self.outcomes[i] = Outcome(
-                address,
-                decision.status,
-                decision.reason,
-                target.host,
-                target.ip,
-                session.tls,
-                decision.reply,
-            )
-            groups.setdefault((decision.status, decision.reason), []).append(i)
-        if result.session_error is not None:
-            self.reasons.append(result.session_error)
-            groups[(Status.TRANSIENT, result.session_error)] = self.pending()
-        return groups
-
-    def finish(self, status: Status, reason: str) -> list[Outcome]:
-        """Fill every undecided recipient with *status*; the final list, in order."""
-        return [
-            out if out is not None else Outcome(addr, status, reason)
-            for out, (addr, _) in zip(self.outcomes, self.recipients, strict=True)
-        ]
 
 
 class Deliverer:
@@ -111,6 +64,7 @@ class Deliverer:
         contexts: ClientContexts,
         pool: SessionPool,
         metrics: Metrics,
+        sts: StsPolicies | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -119,6 +73,7 @@ class Deliverer:
         self.resolver = resolver
         self._contexts = contexts
         self._pool = pool
+        self._sts = sts  # None: MTA-STS off (policy mta_sts: false)
         self._global = asyncio.Semaphore(cfg.concurrency)
         self._domains: dict[Domain, tuple[asyncio.Semaphore, int]] = {}
 
@@ -132,7 +87,7 @@ class Deliverer:
         data: bytes,
     ) -> list[Outcome]:
         """One Outcome per recipient, in order.  Never raises for network trouble."""
-        progress = _Progress(queue_id, recipients)
+        progress = Progress(queue_id, recipients)
         if not recipients:
             return []
         async with self._slot(domain):
@@ -147,31 +102,40 @@ class Deliverer:
                     f"during {progress.trace.stage}"
                 )
                 progress.reasons.append(reason)
-                self._log(progress, progress.pending(), Status.TRANSIENT, reason, progress.target)
+                log_attempt(progress, progress.pending(), Status.TRANSIENT, reason, progress.target)
         return progress.finish(Status.TRANSIENT, "; ".join(progress.reasons) or "no MX host tried")
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
         await self._pool.close()
+        if self._sts is not None:
+            await self._sts.close()
 
     # ---- destinations ----------------------------------------------------------------------
 
     async def _deliver(
         self,
-        progress: _Progress,
+        progress: Progress,
         domain: Domain,
         sender: str,
         mail_options: Sequence[str],
         data: bytes,
     ) -> None:
-        for target in await self._targets(progress, domain):
+        route = route_for(self.cfg.routes, domain)
+        if route is None and self._sts is not None:
+            # MTA-STS names the MX hosts of a domain; a route's next hop is the
+            # operator's choice, outside any recipient domain's policy.
+            progress.trace.stage = f"MTA-STS discovery for {domain}"
+            progress.sts = await self._sts.for_domain(domain)
+        for target in await self._targets(progress, domain, route):
             if not progress.pending():
                 return
             await self._try_target(progress, domain, target, sender, mail_options, data)
 
-    async def _targets(self, progress: _Progress, domain: Domain) -> list[Target]:
+    async def _targets(
+        self, progress: Progress, domain: Domain, route: Route | None
+    ) -> list[Target]:
         """Addresses to try, in order; empty (with outcomes or reasons set) if none."""
-        route = route_for(self.cfg.routes, domain)
         if route is not None:
             host = route.host.strip("[]")  # "[host]": its addresses, no MX lookup
             progress.trace.stage = f"address lookup of next hop {host}"
@@ -188,10 +152,11 @@ class Deliverer:
             status = Status.PERMANENT if result.status is MxStatus.PERMANENT else Status.TRANSIENT
             for i in progress.pending():
                 progress.outcomes[i] = Outcome(progress.recipients[i][0], status, result.reason)
-            self._log(progress, list(range(len(progress.recipients))), status, result.reason)
+            log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
             return []
+        hosts = self._sts_hosts(progress, domain, list(result.hosts))
         targets: list[Target] = []
-        for mx in result.hosts[: self.cfg.max_mx_hosts]:
+        for mx in hosts[: self.cfg.max_mx_hosts]:
             addresses = mx.addresses or await self.resolver.addresses(mx.name)
             targets += [
                 Target(mx.name, ip, self.cfg.port) for ip in addresses[:MAX_ADDRESSES_PER_HOST]
@@ -202,23 +167,65 @@ class Deliverer:
             )
         return targets
 
+    def _sts_hosts(self, progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[MxHost]:
+        """RFC 8461 4.1: under an MTA-STS policy, MX hosts its ``mx`` patterns do not
+        allow are skipped (enforce) or reported (testing).  Enforce and none allowed:
+        every recipient is deferred, saying so."""
+        state = progress.sts
+        if state is None or state.policy is None:
+            return hosts
+        policy = state.policy
+        refused = [mx.name for mx in hosts if not mx_allowed(policy, mx.name)]
+        if not refused:
+            return hosts
+        event(
+            log,
+            "mta_sts_mx_refused",
+            logging.WARNING,
+            queue_id=progress.queue_id,
+            domain=domain,
+            mode=policy.mode,
+            id=state.id,
+            refused=",".join(refused),
+            patterns=",".join(policy.mx),
+        )
+        if policy.mode is not Mode.ENFORCE:
+            return hosts  # testing: reported, delivery goes on under the floor
+        allowed = [mx for mx in hosts if mx.name not in refused]
+        if not allowed:
+            reason = (
+                f"the MTA-STS policy of {domain} (enforce, id {state.id}) allows none of "
+                f"its MX hosts ({', '.join(refused)}; patterns {', '.join(policy.mx)})"
+            )
+            pending = progress.pending()
+            for i in pending:
+                progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
+            log_attempt(progress, pending, Status.TRANSIENT, reason)
+        return allowed
+
     # ---- one MX address --------------------------------------------------------------------
 
     async def _try_target(
         self,
-        progress: _Progress,
+        progress: Progress,
         domain: Domain,
         target: Target,
         sender: str,
         mail_options: Sequence[str],
         data: bytes,
     ) -> None:
-        req = requirement(self.policy, domain, target.host)
+        sts = progress.sts.policy if progress.sts is not None else None
+        req = requirement(self.policy, domain, target.host, sts)
         ctx_key, ctx = self._contexts.for_requirement(req)
-        key: PoolKey = (target, ctx_key)
         pending = progress.pending()
         progress.target = target
-        got = await self._session(key, target, req, ctx, ctx_key[0], progress.trace)
+        if sts is not None and sts.mode is Mode.TESTING:
+            got, ctx_key, ctx = await self._testing_session(progress, domain, target, req, sts)
+        else:
+            got = await self._session(
+                (target, ctx_key), target, req, ctx, ctx_key[0], progress.trace
+            )
+        key: PoolKey = (target, ctx_key)
         if isinstance(got, Failure):
             self._no_session(progress, pending, got, target, req)
             return
@@ -242,12 +249,66 @@ class Deliverer:
         session.messages += 1
         groups = progress.record(pending, result, session)
         for (status, reason), indexes in groups.items():
-            self._log(progress, indexes, status, reason, target, req, session.observed, verdict)
+            log_attempt(progress, indexes, status, reason, target, req, session.observed, verdict)
         await self._release(key, session, result.reusable and result.session_error is None)
+
+    async def _testing_session(
+        self,
+        progress: Progress,
+        domain: Domain,
+        target: Target,
+        req: Requirement,
+        sts: StsPolicy,
+    ) -> tuple[tuple[OutboundSession, Verdict, bool] | Failure, ContextKey, ssl.SSLContext]:
+        """MTA-STS mode testing (RFC 8461 5): judge the session as enforce would, log
+        the outcome, deliver under the floor.  The handshake verifies the chain so the
+        policy can be judged; if the chain is what fails, the floor (which may not ask
+        for a trusted certificate) gets a session of its own."""
+        probe = requirement(self.policy, domain, target.host, replace(sts, mode=Mode.ENFORCE))
+        probe_key, probe_ctx = self._contexts.for_requirement(probe)
+        got = await self._session(
+            (target, probe_key), target, req, probe_ctx, probe_key[0], progress.trace
+        )
+        if not isinstance(got, Failure):
+            self._log_testing(progress, domain, target, decide(probe, got[0].observed))
+            return got, probe_key, probe_ctx
+        untrusted = got.observed is not None and got.observed.handshake_error is not None
+        self._log_testing(progress, domain, target, got.verdict, got.reason)
+        floor_key, floor_ctx = self._contexts.for_requirement(req)
+        if not untrusted or floor_key == probe_key:
+            return got, probe_key, probe_ctx  # the floor fails the same way
+        got = await self._session(
+            (target, floor_key), target, req, floor_ctx, floor_key[0], progress.trace
+        )
+        return got, floor_key, floor_ctx
+
+    def _log_testing(
+        self,
+        progress: Progress,
+        domain: Domain,
+        target: Target,
+        verdict: Verdict | None,
+        reason: str | None = None,
+    ) -> None:
+        ok = verdict is not None and verdict.ok
+        self.metrics.mta_sts_testing.inc(result="pass" if ok else "fail")
+        event(
+            log,
+            "mta_sts_testing",
+            logging.INFO if ok else logging.WARNING,
+            queue_id=progress.queue_id,
+            domain=domain,
+            id=progress.sts.id if progress.sts else None,
+            mx=target.host,
+            ip=target.ip,
+            result="pass" if ok else "fail",
+            result_type=None if verdict is None else verdict.result_type,
+            reason=reason or (verdict.reason if verdict is not None else None),
+        )
 
     def _no_session(
         self,
-        progress: _Progress,
+        progress: Progress,
         pending: list[int],
         failure: Failure,
         target: Target,
@@ -257,7 +318,7 @@ class Deliverer:
         progress.reasons.append(failure.reason)
         if failure.verdict is not None and not failure.verdict.ok:  # TLS/policy, not connect
             self.metrics.tls_failures.inc()
-        self._log(
+        log_attempt(
             progress,
             pending,
             Status.TRANSIENT,
@@ -316,33 +377,3 @@ class Deliverer:
                 del self._domains[name]
             else:
                 self._domains[name] = (sem, users - 1)
-
-    def _log(
-        self,
-        progress: _Progress,
-        indexes: list[int],
-        status: Status,
-        reason: str,
-        target: Target | None = None,
-        req: Requirement | None = None,
-        observed: Observed | None = None,
-        verdict: Verdict | None = None,
-    ) -> None:
-        level_met: TlsLevel | None = verdict.level_met if verdict is not None else None
-        event(
-            log,
-            "delivery",
-            level=logging.INFO if status is Status.DELIVERED else logging.WARNING,
-            queue_id=progress.queue_id,
-            rcpt=",".join(progress.recipients[i][0] for i in indexes),
-            mx=target.host if target else None,
-            ip=target.ip if target else None,
-            port=target.port if target else None,
-            tls=observed.tls_version if observed else None,
-            cipher=observed.cipher if observed else None,
-            cert_sha256=observed.cert_fingerprint if observed else None,
-            level_required=req.level.label if req else None,
-            level_met=level_met.label if level_met is not None else None,
-            outcome=_LOG_OUTCOME[status],
-            reason=reason,
-        )

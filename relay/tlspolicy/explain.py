@@ -15,6 +15,8 @@ import asyncio
 from relay.config import Config, Route, TlsLevel
 from relay.delivery.mx import MxResolver, MxResult, MxStatus, route_for
 from relay.domains import Domain, normalize_domain
+from relay.tlspolicy.mtasts import Mode, mx_allowed
+from relay.tlspolicy.ststore import StsState
 from relay.tlspolicy.verdict import Requirement, requirement
 
 NOT_IMPLEMENTED = (
@@ -65,20 +67,52 @@ def _policy_lines(req: Requirement, cfg: Config, routed: bool) -> list[str]:
         lines.append(f"  and a name must match one of: {', '.join(req.secure_names)}")
     if req.level >= TlsLevel.DANE:
         lines.append("  DANE levels are not implemented in this version: delivery will defer")
-    mta_sts = NOT_IMPLEMENTED if cfg.policy.mta_sts else "disabled in config"
     dane = NOT_IMPLEMENTED if cfg.policy.dane else "disabled in config"
-    lines.append(f"MTA-STS: {mta_sts}")
     lines.append(f"DANE: {dane}")
+    return lines
+
+
+def _sts_lines(state: StsState | None, cfg: Config, routed: bool, mx: MxResult | None) -> list[str]:
+    if not cfg.policy.mta_sts:
+        return ["MTA-STS: disabled in config"]
+    if routed or state is None:
+        return ["MTA-STS: not used for a routed domain (the next hop is the operator's choice)"]
+    if state.policy is None:
+        if state.failure:
+            return [f"MTA-STS: no policy applies: {state.failure} ({state.result_type})"]
+        return ["MTA-STS: no policy (no _mta-sts TXT record, or mode none)"]
+    policy = state.policy
+    origin = "from the cache" if state.origin == "cache" else "fetched now"
+    lines = [
+        f"MTA-STS: mode {policy.mode}, id {state.id}, max_age {policy.max_age}s ({origin})",
+        f"  mx patterns: {', '.join(policy.mx)}",
+    ]
+    for host in mx.hosts if mx is not None else ():
+        if mx_allowed(policy, host.name):
+            lines.append(f"  {host.name}: allowed; certificate must be valid for it (WebPKI)")
+        elif policy.mode is Mode.ENFORCE:
+            lines.append(f"  {host.name}: not in the policy: skipped (enforce)")
+        else:
+            lines.append(f"  {host.name}: not in the policy: reported, still used (testing)")
     return lines
 
 
 async def _gather(
     cfg: Config, domain: Domain, resolver: MxResolver
-) -> tuple[Route | None, tuple[str, ...], MxResult | None]:
+) -> tuple[Route | None, tuple[str, ...], MxResult | None, StsState | None]:
     route = route_for(cfg.delivery.routes, domain)
     if route is not None:
-        return route, await resolver.addresses(route.host), None
-    return None, (), await resolver.resolve(domain)
+        return route, await resolver.addresses(route.host), None, None
+    state = None
+    if cfg.policy.mta_sts:
+        from relay.app import mta_sts  # the same wiring as serve
+
+        store = mta_sts(cfg, resolver)
+        try:
+            state = await store.for_domain(domain)
+        finally:
+            await store.close()
+    return None, (), await resolver.resolve(domain), state
 
 
 def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:
@@ -86,7 +120,7 @@ def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:
     name = normalize_domain(domain)
     if resolver is None:
         resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    route, next_hop_addrs, mx = asyncio.run(_gather(cfg, name, resolver))
+    route, next_hop_addrs, mx, sts = asyncio.run(_gather(cfg, name, resolver))
     lines = [f"domain: {name}"]
     if route is not None:
         lines += _route_lines(route, next_hop_addrs)
@@ -95,6 +129,8 @@ def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:
         lines.append("route: none (MX lookup)")
         lines += _mx_lines(mx, cfg.delivery.port)
     # The level does not depend on which MX is tried; only the name to verify does.
-    req = requirement(cfg.policy, name, route.host if route is not None else name)
+    policy = sts.policy if sts is not None else None
+    req = requirement(cfg.policy, name, route.host if route is not None else name, policy)
     lines += _policy_lines(req, cfg, routed=route is not None)
+    lines += _sts_lines(sts, cfg, route is not None, mx)
     return "\n".join(lines)

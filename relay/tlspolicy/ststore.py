@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from relay.domains import Domain
 from relay.log import event
@@ -40,7 +41,14 @@ FAILURE_TTL = 300.0  # after a failed discovery with nothing cached: when to try
 CHECK_INTERVAL = 3600.0  # an unexpired policy's TXT id is checked again after this long
 
 TxtLookup = Callable[[str], Awaitable[tuple[str, ...] | None]]  # None: lookup failed
-Fetch = Callable[[Domain], Awaitable[StsPolicy]]
+
+
+class Fetcher(Protocol):
+    """relay.tlspolicy.stsfetch.StsFetcher as the store uses it."""
+
+    async def fetch(self, domain: Domain) -> StsPolicy: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,12 @@ class StsPolicies:
         self,
         root: Path,
         txt: TxtLookup,
-        fetch: Fetch,
+        fetcher: Fetcher,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._root = root
         self._txt = txt
-        self._fetch = fetch
+        self._fetcher = fetcher
         self._clock = clock
         self._cache: dict[Domain, Cached] = {}
         self._none: dict[Domain, tuple[float, StsState]] = {}  # domain -> (until, state)
@@ -109,6 +117,7 @@ class StsPolicies:
             task.cancel()
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=5)
+        await self._fetcher.close()
 
     # -- discovery (RFC 8461 5.1) -----------------------------------------------------------
     def _discover_soon(self, domain: Domain) -> asyncio.Task[StsState]:
@@ -144,7 +153,7 @@ class StsPolicies:
             )
             return _state(self._cache[domain], "cache")
         try:
-            policy = await self._fetch(domain)
+            policy = await self._fetcher.fetch(domain)
         except FetchError as exc:
             return self._keep(domain, alive, str(exc), now, exc.result_type)
         fresh = Cached(domain, policy_id, policy, now, now + policy.max_age, now)

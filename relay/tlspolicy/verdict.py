@@ -8,11 +8,14 @@ that MX (:func:`decide` → :class:`Verdict`).  Certificate name matching per RF
 Not: sockets, TLS handshakes, DNS, clocks or logging.  The delivery module performs the
 handshake and reports facts; this module only judges them.  A failed verdict is always a
 reason to defer and try the next MX, never to bounce, never to fall back to plaintext.
-MTA-STS and DANE are not implemented: a DANE level fails closed.
+An MTA-STS policy in mode enforce raises the requirement to `verify` for the MX host
+name (:func:`requirement`); DANE is not implemented yet: a DANE level fails closed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import re
 import ssl
 from dataclasses import dataclass
@@ -20,6 +23,15 @@ from dataclasses import dataclass
 from relay.config import PolicyConfig, TlsLevel
 from relay.domains import Domain, dns_name, normalize_domain
 from relay.errors import InvalidDomain
+from relay.tlspolicy.mtasts import Mode, StsPolicy
+
+
+class PolicySource(enum.StrEnum):
+    """Where the requirement for one MX host comes from (logs, `tls-relay policy`)."""
+
+    STATIC = "static"  # the configured floor alone
+    MTA_STS = "mta-sts"  # an MTA-STS policy in mode enforce raised (or confirmed) it
+    DANE = "dane"
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class Requirement:
     mx_host: str  # name to match for `verify` (and SNI)
     secure_names: tuple[str, ...]  # for `secure`: the domain + `match` (".x" = any subdomain)
     source: str  # "static policy domains['example.com']" or "static policy default"
+    policy_source: PolicySource = PolicySource.STATIC
 
 
 @dataclass(frozen=True)
@@ -55,20 +68,36 @@ class Verdict:
     ok: bool
     level_met: TlsLevel | None
     reason: str
+    result_type: str | None = None  # RFC 8460 4.3 failure type, when not ok
 
 
-def requirement(policy: PolicyConfig, domain: Domain, mx_host: str) -> Requirement:
-    """What delivery of mail for *domain* through *mx_host* requires (static policy only;
-    MTA-STS and DANE could only ever raise this, never lower it).  *domain* and the
-    policy's keys and ``match`` entries are all in the one normal form (relay.domains)."""
+def requirement(
+    policy: PolicyConfig, domain: Domain, mx_host: str, sts: StsPolicy | None = None
+) -> Requirement:
+    """What delivery of mail for *domain* through *mx_host* requires.  The configured
+    level is the floor; an MTA-STS policy in mode enforce (*sts*) may only raise it, to
+    a WebPKI-valid certificate for the MX host name (RFC 8461 4.2) - ``verify``.
+    Whether the MX host is allowed at all is the caller's question (mx_allowed).
+    *domain* and the policy's keys and ``match`` entries are all in the one normal form
+    (relay.domains)."""
     configured, source = policy.for_domain(domain)
     names = (domain, *configured.match)
-    return Requirement(
+    req = Requirement(
         level=configured.level,
         min_version=configured.min_version,
         mx_host=dns_name(mx_host),
         secure_names=tuple(dict.fromkeys(names)),
         source=source,
+    )
+    if sts is None or sts.mode is not Mode.ENFORCE:
+        return req
+    return dataclasses.replace(
+        req,
+        level=max(req.level, TlsLevel.VERIFY),
+        source=f"MTA-STS policy of {domain} (enforce)"
+        if req.level < TlsLevel.VERIFY
+        else f"{source} and MTA-STS policy of {domain} (enforce)",
+        policy_source=PolicySource.MTA_STS,
     )
 
 
@@ -159,32 +188,53 @@ def _secure_name_matches(cert_name: str, entry: str) -> bool:
 # ---- the verdict -----------------------------------------------------------------------------
 
 
-def _fail(reason: str, level_met: TlsLevel | None = None) -> Verdict:
-    return Verdict(False, level_met, reason)
+def _fail(reason: str, result_type: str, level_met: TlsLevel | None = None) -> Verdict:
+    return Verdict(False, level_met, reason, result_type)
 
 
 def _names_text(names: tuple[str, ...]) -> str:
     return ", ".join(names) if names else "(none)"
 
 
-def _session_problem(req: Requirement, obs: Observed) -> str | None:
-    """Why there is no acceptable TLS session at all, or None if there is one."""
+STARTTLS_NOT_SUPPORTED = "starttls-not-supported"  # RFC 8460 4.3 result types
+CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
+CERTIFICATE_EXPIRED = "certificate-expired"
+CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
+VALIDATION_FAILURE = "validation-failure"
+
+
+def _handshake_result_type(error: str) -> str:
+    """The RFC 8460 type of a failed handshake, from OpenSSL's reason text."""
+    text = error.lower()
+    if "expired" in text:
+        return CERTIFICATE_EXPIRED
+    if "certificate verif" in text or "unable to get" in text or "self-signed" in text:
+        return CERTIFICATE_NOT_TRUSTED
+    return VALIDATION_FAILURE
+
+
+def _session_problem(req: Requirement, obs: Observed) -> tuple[str, str] | None:
+    """Why there is no acceptable TLS session at all (and its RFC 8460 type), or None."""
     if not obs.implicit_tls and not obs.starttls_offered:
-        return "STARTTLS not offered by MX (downgrade or misconfiguration); refusing plaintext"
+        why = "STARTTLS not offered by MX (downgrade or misconfiguration); refusing plaintext"
+        return why, STARTTLS_NOT_SUPPORTED
     if (
         not obs.implicit_tls
         and obs.starttls_code is not None
         and not 200 <= obs.starttls_code < 300
     ):
         # RFC 3207 §4: 454 = TLS not available; any non-2xx means no TLS, so no mail.
-        return f"MX answered {obs.starttls_code} to STARTTLS; refusing to continue in plaintext"
+        why = f"MX answered {obs.starttls_code} to STARTTLS; refusing to continue in plaintext"
+        return why, STARTTLS_NOT_SUPPORTED
     if obs.handshake_error is not None:
-        return f"TLS handshake with MX failed: {obs.handshake_error}"
+        why = f"TLS handshake with MX failed: {obs.handshake_error}"
+        return why, _handshake_result_type(obs.handshake_error)
     if obs.tls_version is None:
-        return "no TLS session was established with MX; refusing plaintext"
+        return "no TLS session was established with MX; refusing plaintext", VALIDATION_FAILURE
     wanted = _version_name(req.min_version)
     if version_rank(obs.tls_version) < version_rank(wanted):
-        return f"MX negotiated {obs.tls_version}, below the required minimum {wanted}"
+        why = f"MX negotiated {obs.tls_version}, below the required minimum {wanted}"
+        return why, VALIDATION_FAILURE
     return None
 
 
@@ -194,11 +244,12 @@ def decide(req: Requirement, obs: Observed) -> Verdict:
         # Fail closed: a level we cannot check is never treated as a weaker one.
         return _fail(
             "DANE is not implemented in this version "
-            f"(level {req.level.label} required by {req.source}); refusing to deliver"
+            f"(level {req.level.label} required by {req.source}); refusing to deliver",
+            "dane-required",
         )
-    problem = _session_problem(req, obs)
-    if problem is not None:
-        return _fail(problem)
+    session_problem = _session_problem(req, obs)
+    if session_problem is not None:
+        return _fail(*session_problem)
     # Like Postfix: `verify` checks the MX host name; `secure` checks the recipient
     # domain / match list *instead*, so a spoofed MX name cannot satisfy it.
     names = _names_text(obs.cert_names)
@@ -216,7 +267,8 @@ def decide(req: Requirement, obs: Observed) -> Verdict:
         )
     if met < req.level:
         problem = verify_problem if req.level == TlsLevel.VERIFY else secure_problem
-        return _fail(f"level {req.level.label} required ({req.source}) but {problem}", met)
+        kind = CERTIFICATE_NOT_TRUSTED if not obs.chain_verified else CERTIFICATE_HOST_MISMATCH
+        return _fail(f"level {req.level.label} required ({req.source}) but {problem}", kind, met)
     return Verdict(
         True, met, f"{obs.tls_version} session meets level {req.level.label} (met {met.label})"
     )

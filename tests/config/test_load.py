@@ -311,7 +311,8 @@ def test_summary(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:
         "users file none",
         "policy: default encrypt (TLSv1.2), 1 domain (inline)",
         "route: p.test via [mx.p.test]:2525 (starttls)",
-        "MTA-STS and DANE lookups are not implemented yet",
+        "mta-sts: on (policies from port 443, cached under the spool)",
+        "note: DANE is not implemented yet",
         "workers: 1",
     ):
         assert fragment in text

@@ -392,7 +392,7 @@ def test_verify_refuses_postfix_under_another_mx_name(
     assert postfix_mx.messages() == [] and postfix_nrcpts(postfix_mx) == []
     assert postfix_mx.tls_sessions() == 1  # the handshake happened; no envelope followed it
     (line,) = delivery_lines(proc, rcpt="someone@alias.test")
-    assert "level_required=verify level_met=encrypt outcome=deferred" in line
+    assert "level_required=verify level_met=encrypt policy=static outcome=deferred" in line
     assert proc.stop() == 0
 
 

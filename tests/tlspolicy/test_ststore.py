@@ -47,6 +47,9 @@ class World:
         self.txt_calls += 1
         return self.txt
 
+    async def close(self) -> None:
+        return None
+
     async def fetch(self, domain: Domain) -> StsPolicy:
         self.fetches += 1
         if self.gate is not None:
@@ -62,7 +65,7 @@ def world() -> World:
 
 
 def store(world: World, root: Path) -> StsPolicies:
-    return StsPolicies(root, world.lookup, world.fetch, clock=world.clock)
+    return StsPolicies(root, world.lookup, world, clock=world.clock)
 
 
 async def settle() -> None:

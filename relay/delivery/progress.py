@@ -1,0 +1,110 @@
+"""The state of one delivery call, and the log line each attempt leaves.
+
+Role: :class:`Progress` holds one ``Deliverer.deliver`` call's recipients, their
+outcomes so far, the reasons seen, where the attempt is (for the deadline's log
+line) and the domain's MTA-STS state; :func:`log_attempt` writes the one
+``delivery`` line per attempt - queue id, recipients, MX host and address, TLS
+version and cipher, certificate fingerprint, level required and met, the policy
+source, the outcome and, on failure, the RFC 8460 result type.
+Not: deciding anything (relay.delivery.deliverer, relay.tlspolicy.verdict).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from relay.config import TlsLevel
+from relay.delivery.outcome import Outcome, Status
+from relay.delivery.session import OutboundSession, Target, Trace
+from relay.delivery.transaction import TxResult
+from relay.log import event
+from relay.tlspolicy.ststore import StsState
+from relay.tlspolicy.verdict import Observed, Requirement, Verdict
+
+log = logging.getLogger("relay.delivery")
+
+_LOG_OUTCOME = {
+    Status.DELIVERED: "delivered",
+    Status.TRANSIENT: "deferred",
+    Status.PERMANENT: "bounced",
+}
+
+
+class Progress:
+    """Mutable state of one deliver() call: outcomes so far and the reasons seen."""
+
+    def __init__(self, queue_id: str, recipients: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.queue_id = queue_id
+        self.recipients = list(recipients)
+        self.outcomes: list[Outcome | None] = [None] * len(self.recipients)
+        self.reasons: list[str] = []
+        self.trace = Trace()
+        self.target: Target | None = None  # the address being tried, for the deadline's log
+        self.sts: StsState | None = None  # the domain's MTA-STS state, when it applies
+
+    def pending(self) -> list[int]:
+        return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
+
+    def record(
+        self, pending: list[int], result: TxResult, session: OutboundSession
+    ) -> dict[tuple[Status, str], list[int]]:
+        """Store a transaction's decisions; recipients grouped by (status, reason)."""
+        groups: dict[tuple[Status, str], list[int]] = {}
+        target = session.target
+        for j, decision in result.decided.items():
+            i = pending[j]
+            address = self.recipients[i][0]
+            self.outcomes[i] = Outcome(
+                address,
+                decision.status,
+                decision.reason,
+                target.host,
+                target.ip,
+                session.tls,
+                decision.reply,
+            )
+            groups.setdefault((decision.status, decision.reason), []).append(i)
+        if result.session_error is not None:
+            self.reasons.append(result.session_error)
+            groups[(Status.TRANSIENT, result.session_error)] = self.pending()
+        return groups
+
+    def finish(self, status: Status, reason: str) -> list[Outcome]:
+        """Fill every undecided recipient with *status*; the final list, in order."""
+        return [
+            out if out is not None else Outcome(addr, status, reason)
+            for out, (addr, _) in zip(self.outcomes, self.recipients, strict=True)
+        ]
+
+
+def log_attempt(
+    progress: Progress,
+    indexes: list[int],
+    status: Status,
+    reason: str,
+    target: Target | None = None,
+    req: Requirement | None = None,
+    observed: Observed | None = None,
+    verdict: Verdict | None = None,
+) -> None:
+    level_met: TlsLevel | None = verdict.level_met if verdict is not None else None
+    event(
+        log,
+        "delivery",
+        level=logging.INFO if status is Status.DELIVERED else logging.WARNING,
+        queue_id=progress.queue_id,
+        rcpt=",".join(progress.recipients[i][0] for i in indexes),
+        mx=target.host if target else None,
+        ip=target.ip if target else None,
+        port=target.port if target else None,
+        tls=observed.tls_version if observed else None,
+        cipher=observed.cipher if observed else None,
+        cert_sha256=observed.cert_fingerprint if observed else None,
+        level_required=req.level.label if req else None,
+        level_met=level_met.label if level_met is not None else None,
+        policy=req.policy_source if req else None,  # static | mta-sts | dane
+        outcome=_LOG_OUTCOME[status],
+        result_type=verdict.result_type if verdict is not None else None,  # RFC 8460
+        reason=reason,
+    )
