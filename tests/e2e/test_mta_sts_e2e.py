@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,115 +95,105 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
     return path
 
 
-def publish(dns: DnsServer, server: PolicyServer, domain: str, body: str, pid: str = "1") -> None:
-    dns.add(f"_mta-sts.{domain}", "TXT", f'"v=STSv1; id={pid};"')
-    dns.add(f"mta-sts.{domain}", "A", "127.0.0.1")
-    server.policies[f"mta-sts.{domain}"] = body.encode()
-
-
 def enforce(mx: str, mode: str = "enforce") -> str:
     return f"version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n"
 
 
-def start_relay(
-    relay: RelayFactory,
-    dns: DnsServer,
-    mx: PostfixMx,
-    ca_file: Path,
-    server: PolicyServer,
-) -> RelayProcess:
-    """Floor `encrypt` everywhere: whatever is stricter comes from MTA-STS alone."""
-    cfg = delivery_config(dns, mx.port, ca_file, {"default": {"level": "encrypt"}})
-    cfg["delivery"]["mta_sts_port"] = server.port
-    cfg["policy"] = {"default": {"level": "encrypt"}, "mta_sts": True, "dane": False}
-    return relay(extra_config=cfg)
+@dataclass
+class Lab:
+    """The peers of one test: the relay factory, Postfix, DNS and the policy server."""
+
+    relay: RelayFactory
+    mx: PostfixMx
+    dns: DnsServer
+    ca_file: Path
+    server: PolicyServer
+
+    def publish(self, domain: str, body: str, pid: str = "1") -> None:
+        self.dns.add(f"_mta-sts.{domain}", "TXT", f'"v=STSv1; id={pid};"')
+        self.dns.add(f"mta-sts.{domain}", "A", "127.0.0.1")
+        self.server.policies[f"mta-sts.{domain}"] = body.encode()
+
+    def start(self) -> RelayProcess:
+        """Floor `encrypt` everywhere: whatever is stricter comes from MTA-STS alone."""
+        cfg = delivery_config(self.dns, self.mx.port, self.ca_file)
+        cfg["delivery"]["mta_sts_port"] = self.server.port
+        cfg["policy"] = {"default": {"level": "encrypt"}, "mta_sts": True, "dane": False}
+        return self.relay(extra_config=cfg)
 
 
-def test_enforce_with_a_matching_mx_delivers_at_verify(
+@pytest.fixture
+def lab(
     relay: RelayFactory,
     postfix_mx: PostfixMx,
     dns_server: DnsServer,
     ca_file: Path,
     policy_server: PolicyServer,
-) -> None:
-    add_postfix_mx(dns_server, "sts.test")
-    publish(dns_server, policy_server, "sts.test", enforce(MX_NAME))
-    proc = start_relay(relay, dns_server, postfix_mx, ca_file, policy_server)
+) -> Lab:
+    return Lab(relay, postfix_mx, dns_server, ca_file, policy_server)
+
+
+def test_enforce_with_a_matching_mx_delivers_at_verify(lab: Lab) -> None:
+    add_postfix_mx(lab.dns, "sts.test")
+    lab.publish("sts.test", enforce(MX_NAME))
+    proc = lab.start()
     submit_smtputf8(proc, "app@corp.test", "a@sts.test", "sts enforce")
-    got = postfix_mx.wait_messages(1, timeout=30)
+    got = lab.mx.wait_messages(1, timeout=30)
     assert [m.recipient for m in got] == ["a@sts.test"]
     (line,) = delivery_lines(proc, rcpt="a@sts.test", outcome="delivered")
     assert "level_required=verify" in line and "policy=mta-sts" in line
-    assert policy_server.requests == ["mta-sts.sts.test"]
+    assert lab.server.requests == ["mta-sts.sts.test"]
     assert (proc.spool_dir / "mta-sts" / "sts.test.json").exists()
     wait_for(lambda: queue_json(proc) == [] or None, "the queue to empty")
 
     # The cache survives a restart: with the policy server gone the policy applies.
     assert proc.stop() == 0
-    policy_server.policies.clear()
+    lab.server.policies.clear()
     proc.start()
     submit_smtputf8(proc, "app@corp.test", "b@sts.test", "sts after restart")
-    got = postfix_mx.wait_messages(2, timeout=30)
+    got = lab.mx.wait_messages(2, timeout=30)
     lines = delivery_lines(proc, rcpt="b@sts.test", outcome="delivered")
     assert lines and "policy=mta-sts" in lines[0]
 
 
-def test_enforce_skips_mx_hosts_the_policy_does_not_name(
-    relay: RelayFactory,
-    postfix_mx: PostfixMx,
-    dns_server: DnsServer,
-    ca_file: Path,
-    policy_server: PolicyServer,
-) -> None:
-    add_postfix_mx(dns_server, "nomatch.test")
-    publish(dns_server, policy_server, "nomatch.test", enforce("*.elsewhere.test"))
-    proc = start_relay(relay, dns_server, postfix_mx, ca_file, policy_server)
+def test_enforce_skips_mx_hosts_the_policy_does_not_name(lab: Lab) -> None:
+    add_postfix_mx(lab.dns, "nomatch.test")
+    lab.publish("nomatch.test", enforce("*.elsewhere.test"))
+    proc = lab.start()
     submit_smtputf8(proc, "app@corp.test", "a@nomatch.test", "sts no match")
     r = wait_for(lambda: deferred(proc), "the recipient to be deferred")
     assert "MTA-STS policy of nomatch.test (enforce, id 1) allows none of its MX" in str(
         r["last_reason"]
     )
     time.sleep(SETTLE)
-    assert postfix_mx.messages() == [] and postfix_mx.tls_sessions() == 0  # never contacted
+    assert lab.mx.messages() == [] and lab.mx.tls_sessions() == 0  # never contacted
     assert "mta_sts_mx_refused" in proc.log_text()
 
 
-def test_enforce_needs_a_certificate_for_the_mx_name(
-    relay: RelayFactory,
-    postfix_mx: PostfixMx,
-    dns_server: DnsServer,
-    ca_file: Path,
-    policy_server: PolicyServer,
-) -> None:
+def test_enforce_needs_a_certificate_for_the_mx_name(lab: Lab) -> None:
     """The MX is named other-mx.alias.test, which the policy allows, but Postfix's
     certificate says mx.postfix.test: `encrypt` alone would deliver; MTA-STS defers."""
-    dns_server.add("alias.test", "MX", "10 other-mx.alias.test.")
-    dns_server.add("other-mx.alias.test", "A", "127.0.0.1")
-    publish(dns_server, policy_server, "alias.test", enforce("*.alias.test"))
-    proc = start_relay(relay, dns_server, postfix_mx, ca_file, policy_server)
+    lab.dns.add("alias.test", "MX", "10 other-mx.alias.test.")
+    lab.dns.add("other-mx.alias.test", "A", "127.0.0.1")
+    lab.publish("alias.test", enforce("*.alias.test"))
+    proc = lab.start()
     submit_smtputf8(proc, "app@corp.test", "a@alias.test", "sts wrong name")
     r = wait_for(lambda: deferred(proc), "the recipient to be deferred")
     reason = str(r["last_reason"])
     assert "MTA-STS policy of alias.test (enforce)" in reason
     assert "do not match MX host other-mx.alias.test" in reason
     time.sleep(SETTLE)
-    assert postfix_mx.messages() == []
+    assert lab.mx.messages() == []
     (line,) = delivery_lines(proc, rcpt="a@alias.test")
     assert "result_type=certificate-host-mismatch" in line and "policy=mta-sts" in line
 
 
-def test_testing_mode_reports_and_delivers(
-    relay: RelayFactory,
-    postfix_mx: PostfixMx,
-    dns_server: DnsServer,
-    ca_file: Path,
-    policy_server: PolicyServer,
-) -> None:
-    add_postfix_mx(dns_server, "testing.test")
-    publish(dns_server, policy_server, "testing.test", enforce("*.elsewhere.test", "testing"))
-    proc = start_relay(relay, dns_server, postfix_mx, ca_file, policy_server)
+def test_testing_mode_reports_and_delivers(lab: Lab) -> None:
+    add_postfix_mx(lab.dns, "testing.test")
+    lab.publish("testing.test", enforce("*.elsewhere.test", "testing"))
+    proc = lab.start()
     submit_smtputf8(proc, "app@corp.test", "a@testing.test", "sts testing")
-    got = postfix_mx.wait_messages(1, timeout=30)
+    got = lab.mx.wait_messages(1, timeout=30)
     assert [m.recipient for m in got] == ["a@testing.test"]
     log = proc.log_text()
     assert "mta_sts_mx_refused" in log and "mode=testing" in log
@@ -211,21 +202,15 @@ def test_testing_mode_reports_and_delivers(
     assert "level_required=encrypt" in line
 
 
-def test_no_policy_and_a_failed_fetch_fall_back_to_the_floor(
-    relay: RelayFactory,
-    postfix_mx: PostfixMx,
-    dns_server: DnsServer,
-    ca_file: Path,
-    policy_server: PolicyServer,
-) -> None:
+def test_no_policy_and_a_failed_fetch_fall_back_to_the_floor(lab: Lab) -> None:
     """A TXT record whose policy is 404: no policy applies (RFC 8461 5.1: nothing was
     ever cached); delivery goes on under the floor, and the failure is logged."""
-    add_postfix_mx(dns_server, "sts.test")
-    dns_server.add("_mta-sts.sts.test", "TXT", '"v=STSv1; id=9;"')
-    dns_server.add("mta-sts.sts.test", "A", "127.0.0.1")
-    proc = start_relay(relay, dns_server, postfix_mx, ca_file, policy_server)
+    add_postfix_mx(lab.dns, "sts.test")
+    lab.dns.add("_mta-sts.sts.test", "TXT", '"v=STSv1; id=9;"')
+    lab.dns.add("mta-sts.sts.test", "A", "127.0.0.1")
+    proc = lab.start()
     submit_smtputf8(proc, "app@corp.test", "a@sts.test", "sts 404")
-    got = postfix_mx.wait_messages(1, timeout=30)
+    got = lab.mx.wait_messages(1, timeout=30)
     assert [m.recipient for m in got] == ["a@sts.test"]
     log = proc.log_text()
     assert "mta_sts_failed" in log and "HTTP 404" in log
