@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("policy", help="show what delivery to DOMAIN would require")
     p.add_argument("domain")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     _add_config(p)
 
     p = sub.add_parser("queue", help="inspect and manage the spool")
@@ -121,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "policy":
         from relay.tlspolicy import explain
 
-        print(explain.report(cfg, args.domain))
+        if args.json:
+            print(json.dumps(explain.report_json(cfg, args.domain), indent=2))
+        else:
+            print(explain.report(cfg, args.domain))
         return 0
     if cmd == "queue":
         from relay.queue import cli as queue_cli

@@ -11,6 +11,7 @@ decide the same way: it reuses :mod:`relay.delivery.mx` and :mod:`relay.tlspolic
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from relay.config import Config, Route, TlsLevel
 from relay.delivery.mx import MxResolver, MxResult, MxStatus, route_for
@@ -113,6 +114,64 @@ async def _gather(
         finally:
             await store.close()
     return None, (), await resolver.resolve(domain), state
+
+
+def report_json(cfg: Config, domain: str, resolver: MxResolver | None = None) -> dict[str, Any]:
+    """``tls-relay policy DOMAIN --json``: every input and, per MX host (or the route's
+    next hop), the effective requirement and its source."""
+    name = normalize_domain(domain)
+    if resolver is None:
+        resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
+    route, next_hop_addrs, mx, sts = asyncio.run(_gather(cfg, name, resolver))
+    policy = sts.policy if sts is not None else None
+    hosts: list[dict[str, Any]] = []
+    if route is not None:
+        req = requirement(cfg.policy, name, route.host)
+        hosts.append({"name": route.host, "addresses": list(next_hop_addrs), **_req_json(req)})
+    for host in mx.hosts if mx is not None else ():
+        allowed = policy is None or mx_allowed(policy, host.name)
+        skipped = not allowed and policy is not None and policy.mode is Mode.ENFORCE
+        req = requirement(cfg.policy, name, host.name, policy)
+        entry = {"name": host.name, "preference": host.preference}
+        entry |= {"addresses": list(host.addresses), "mta_sts_allowed": allowed}
+        hosts.append({**entry, "skipped": skipped, **_req_json(req)})
+    return {
+        "domain": name,
+        "route": None
+        if route is None
+        else {"via": f"[{route.host}]:{route.port}", "implicit_tls": route.implicit_tls},
+        "mx": None
+        if mx is None
+        else {"status": mx.status.value, "implicit": mx.implicit, "reason": mx.reason or None},
+        "mta_sts": _sts_json(sts, cfg),
+        "dane": {"enabled": cfg.policy.dane, "implemented": False},
+        "hosts": hosts,
+    }
+
+
+def _req_json(req: Requirement) -> dict[str, Any]:
+    return {
+        "level": req.level.label,
+        "min_version": _version(req),
+        "source": req.policy_source.value,
+        "because": req.source,
+    }
+
+
+def _sts_json(state: StsState | None, cfg: Config) -> dict[str, Any]:
+    if not cfg.policy.mta_sts or state is None:
+        return {"enabled": cfg.policy.mta_sts, "policy": None}
+    policy = state.policy
+    return {
+        "enabled": True,
+        "id": state.id,
+        "origin": state.origin,
+        "failure": state.failure,
+        "result_type": state.result_type,
+        "policy": None
+        if policy is None
+        else {"mode": policy.mode.value, "max_age": policy.max_age, "mx": list(policy.mx)},
+    }
 
 
 def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:

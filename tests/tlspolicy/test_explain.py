@@ -3,8 +3,10 @@ process and through the real command line."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,49 @@ def test_cli_policy_command(
     assert "TLS level: secure (from static policy domains['example.test'])" in out
     assert "MTA-STS: no policy" in out
     assert dns_server.queried("example.test", "MX")
+
+
+def test_cli_policy_json_with_a_cached_mta_sts_policy(
+    tmp_path: Path, server_cert: tuple[Path, Path], dns_server: DnsServer
+) -> None:
+    """--json: every input and per MX host the requirement and its source; the MTA-STS
+    policy comes from the durable cache (as serve left it), so nothing is fetched."""
+    zone(dns_server)
+    path = write_config(tmp_path, server_cert, dns_server)
+    cache = tmp_path / "spool" / "mta-sts"
+    cache.mkdir(parents=True)
+    now = time.time()
+    (cache / "example.test.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "domain": "example.test",
+                "id": "7",
+                "fetched": now,
+                "expires": now + 86400,
+                "policy": "version: STSv1\nmode: enforce\nmx: mx2.example.test\nmax_age: 86400\n",
+            }
+        )
+    )
+    proc = subprocess.run(
+        [str(TLS_RELAY), "policy", "Example.TEST", "--json", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["domain"] == "example.test" and doc["route"] is None
+    assert doc["mta_sts"]["origin"] == "cache" and doc["mta_sts"]["id"] == "7"
+    assert doc["mta_sts"]["policy"] == {
+        "mode": "enforce",
+        "max_age": 86400,
+        "mx": ["mx2.example.test"],
+    }
+    hosts = {h["name"]: h for h in doc["hosts"]}
+    assert hosts["mx1.example.test"]["skipped"] is True
+    assert not hosts["mx1.example.test"]["mta_sts_allowed"]
+    mx2 = hosts["mx2.example.test"]
+    assert (mx2["skipped"], mx2["level"], mx2["source"]) == (False, "secure", "mta-sts")
+    assert doc["dane"] == {"enabled": True, "implemented": False}
