@@ -80,6 +80,7 @@ class CommandLoop(SMTP):
         self._out: list[bytes] = []  # replies held back for a pipelined group (push)
         self._deadline = 0.0  # when the session times out (_reset_timeout)
         self._may_hold = False  # the running command's reply may wait (RFC 2920)
+        self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
 
     # -- the loop ----------------------------------------------------------------------
     async def _handle_client(self) -> None:
@@ -239,6 +240,23 @@ class CommandLoop(SMTP):
             self._handler_coroutine.cancel()
         if self.transport is not None:
             self.transport.close()
+
+    # -- TLS ---------------------------------------------------------------------------------
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self._tls = (str(ssl_object.version()), str(cipher[0]), int(cipher[2]))
+
+    def _log_tls(self) -> dict[str, Any]:
+        version, cipher, _ = self._tls or (None, None, None)
+        return {"tls": version, "cipher": cipher}
+
+    def tls_active(self) -> bool:
+        return self._tls is not None
+
+    def tls_info(self) -> tuple[str, str, int] | None:
+        return self._tls
 
     # -- STARTTLS (RFC 3207) -------------------------------------------------------------
     async def _start_tls(self, handshake_timeout: float) -> asyncio.BaseTransport | None:

@@ -120,7 +120,6 @@ class RelaySMTP(CommandLoop):
         self._admitted = self._refused = self._lost = self._freed = False
         self._preadmitted = preadmitted  # counted at accept by the listener (implicit TLS)
         self._addr: IPAddress = ipaddress.IPv4Address(0)
-        self._tls: tuple[str, str, int] | None = None  # version, cipher, bits
         self._last_user: str | None = None
 
     # -- connection ---------------------------------------------------------------
@@ -195,22 +194,6 @@ class RelaySMTP(CommandLoop):
         if self._admitted:  # refused at connection_made: aiosmtpd never set up
             super().eof_received()
         return False
-
-    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            cipher = ssl_object.cipher()
-            self._tls = (str(ssl_object.version()), str(cipher[0]), int(cipher[2]))
-
-    def _log_tls(self) -> dict[str, Any]:
-        version, cipher, _ = self._tls or (None, None, None)
-        return {"tls": version, "cipher": cipher}
-
-    def tls_active(self) -> bool:
-        return self._tls is not None
-
-    def tls_info(self) -> tuple[str, str, int] | None:
-        return self._tls
 
     def client_info(self) -> ClientInfo:
         assert self.session is not None
