@@ -141,8 +141,12 @@ def ignore_hangup(signum: int = signal.SIGHUP, _frame: object = None) -> None:
 def _die_with_parent(parent: int) -> None:
     """Linux prctl(PR_SET_PDEATHSIG): SIGTERM this worker when the supervisor dies,
     however it dies (SIGKILL, OOM), so no worker keeps serving the ports alone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):  # not Linux: no prctl; the worker still runs
+        log.warning("prctl is not available: workers will not follow a dead supervisor")
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != parent:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)

@@ -253,21 +253,25 @@ class Listener:
             event(log, "session_refused", client=client, reason="connection limit")
             return
         timeout = min(HANDSHAKE_TIMEOUT, self._settings.limits.command_timeout)
+        made: list[RelaySMTP] = []
+
+        def session() -> RelaySMTP:
+            made.append(RelaySMTP(self._intake, self._settings, preadmitted=True))
+            return made[-1]
+
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: RelaySMTP(self._intake, self._settings, preadmitted=True),
-                conn,
-                ssl=self._settings.ssl_context,
-                ssl_handshake_timeout=timeout,
+                session, conn, ssl=self._settings.ssl_context, ssl_handshake_timeout=timeout
             )
-        except OSError as error:  # SSLError, resets, the handshake timeout (TimeoutError)
-            gate.release(addr)
-            conn.close()
+        except BaseException as error:
+            # Once the session started it owns the slot (and frees it itself): a
+            # cancellation at shutdown can land after connection_made.
+            if not (made and made[0].owns_slot):
+                gate.release(addr)
+                conn.close()
+            if not isinstance(error, OSError):  # SSLError, resets, the timeout: logged
+                raise
             log_handshake_failure(self._settings, client, error)
-        except BaseException:
-            gate.release(addr)
-            conn.close()
-            raise
 
     async def stop(self) -> None:
         """Stop accepting; sessions get 421 (one in DATA stores nothing); spool writes finish."""

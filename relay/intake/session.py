@@ -151,6 +151,11 @@ class RelaySMTP(CommandLoop):
         self._free_slot()
         log_handshake_failure(self.settings, self.peer[0], error)
 
+    @property
+    def owns_slot(self) -> bool:
+        """The session was admitted and frees its connection slot itself."""
+        return self._admitted
+
     def _free_slot(self) -> None:
         """Give the connection slot back, once: when the relay closes a session (not
         only when the peer has answered TLS close_notify), or when it is gone."""

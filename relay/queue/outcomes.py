@@ -77,6 +77,7 @@ class DeliveryPass:
     guard: asyncio.Lock = field(default_factory=asyncio.Lock)  # apply + write, per domain
     to_bounce: list[Recipient] = field(default_factory=list)
     write_failed: bool = False
+    notices_failed: bool = False  # a DSN could not be stored: its recipients stay pending
 
     async def run(self, due: list[Recipient]) -> None:
         """Deliver *due*, record every outcome, store DSNs and a delay warning."""
@@ -180,8 +181,10 @@ class DeliveryPass:
         try:
             await self._notices()
         except SpoolError as exc:
-            self.write_failed = True
-            event(log, "queue_write_failed", logging.ERROR, queue_id=self.env.id, error=exc)
+            # The recipients to bounce stay as they were (not bounced, already due): the
+            # caller must wait before the next pass, or it would ask the MX again at once.
+            self.notices_failed = True
+            event(log, "dsn_store_failed", logging.ERROR, queue_id=self.env.id, error=exc)
         if self.write_failed:
             try:
                 await off_loop(self.ctx.spool.update, self.env)

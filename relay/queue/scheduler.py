@@ -295,7 +295,8 @@ class Scheduler:
             await run.run(due)
             if run.write_failed and not env.done:
                 self._unsaved[qid] = env  # the spool is behind what happened: keep it
-                return min(now + ERROR_RETRY, self._next_due(env))
+            if (run.write_failed or run.notices_failed) and not env.done:
+                return self.clock() + ERROR_RETRY  # disk trouble: not again at once
         if env.done:
             self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
             event(log, "queue_removed", queue_id=qid)

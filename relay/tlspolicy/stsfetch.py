@@ -148,8 +148,11 @@ class StsFetcher:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
-                headers={"User-Agent": "tls-relay (MTA-STS)"},
+                # identity: a 64 KiB text file needs no compression, and a compressed
+                # body could expand far past the limit before it is counted.
+                headers={"User-Agent": "tls-relay (MTA-STS)", "Accept-Encoding": "identity"},
                 trust_env=False,  # never through a proxy from the environment
+                auto_decompress=False,  # a gzip body is an invalid policy, never expanded
             )
         return self._session
 

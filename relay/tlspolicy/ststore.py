@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -147,10 +148,13 @@ class StsPolicies:
             if alive is not None:
                 return _state(alive, "cache")
             return self._no_policy(domain, StsState(None), now + NO_POLICY_TTL)
-        if alive is not None and alive.id == policy_id:
-            self._remember(
-                Cached(domain, alive.id, alive.policy, alive.fetched, alive.expires, now)
-            )
+        # RFC 8461 3.3: max_age counts from the last fetch; an unchanged id does not
+        # extend it.  So the policy is fetched again in the second half of its life
+        # (kept if that fails): it never lapses into a moment an attacker could pick to
+        # block the fetch and get "no policy".
+        young = alive is not None and alive.expires - now > alive.policy.max_age / 2
+        if alive is not None and alive.id == policy_id and young:
+            self._remember(dataclasses.replace(alive, checked=now))
             return _state(self._cache[domain], "cache")
         try:
             policy = await self._fetcher.fetch(domain)
@@ -158,7 +162,7 @@ class StsPolicies:
             return self._keep(domain, alive, str(exc), now, exc.result_type)
         fresh = Cached(domain, policy_id, policy, now, now + policy.max_age, now)
         self._remember(fresh)
-        self._store(fresh)
+        await asyncio.to_thread(self._store, fresh)  # fsyncs: never on the event loop
         event(
             log,
             "mta_sts_policy",

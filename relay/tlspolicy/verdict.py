@@ -42,6 +42,9 @@ class Requirement:
     secure_names: tuple[str, ...]  # for `secure`: the domain + `match` (".x" = any subdomain)
     source: str  # "static policy domains['example.com']" or "static policy default"
     policy_source: PolicySource = PolicySource.STATIC
+    # MTA-STS enforce (RFC 8461 4.2): the certificate must also be valid for the MX host
+    # name, even where `secure` is satisfied by another name (a `match` entry).
+    mx_name_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def requirement(
         if req.level < TlsLevel.VERIFY
         else f"{source} and MTA-STS policy of {domain} (enforce)",
         policy_source=PolicySource.MTA_STS,
+        mx_name_required=True,
     )
 
 
@@ -254,6 +258,7 @@ def decide(req: Requirement, obs: Observed) -> Verdict:
     # domain / match list *instead*, so a spoofed MX name cannot satisfy it.
     names = _names_text(obs.cert_names)
     secure_ok = any(_secure_name_matches(n, e) for n in obs.cert_names for e in req.secure_names)
+    mx_ok = False
     if not obs.chain_verified:
         met = TlsLevel.ENCRYPT
         verify_problem = "certificate chain could not be verified against the CA bundle"
@@ -264,6 +269,11 @@ def decide(req: Requirement, obs: Observed) -> Verdict:
         verify_problem = f"certificate names ({names}) do not match MX host {req.mx_host}"
         secure_problem = (
             f"certificate names ({names}) match none of {_names_text(req.secure_names)}"
+        )
+    if req.mx_name_required and met >= TlsLevel.VERIFY and not mx_ok:
+        why = f"certificate names ({names}) do not match MX host {req.mx_host}"
+        return _fail(
+            f"{req.source} requires the MX host name, but {why}", CERTIFICATE_HOST_MISMATCH, met
         )
     if met < req.level:
         problem = verify_problem if req.level == TlsLevel.VERIFY else secure_problem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,3 +536,30 @@ async def test_disk_full_after_a_delivery_never_delivers_it_again(t: Env) -> Non
     await settle(s)
     assert [c.domain for c in t.fake.calls].count("x.test") == 1
     assert not t.spool.exists(qid)  # b delivered on its retry, a never again
+
+
+class NoRoomForDsns(Spool):
+    """The state JSON still fits, a DSN (the whole original message) does not."""
+
+    def store(self, envelope: QueueEnvelope, data: bytes | Iterable[bytes]) -> None:
+        if envelope.bounce:
+            raise SpoolFullError("cannot write a DSN: No space left on device")
+        super().store(envelope, data)
+
+
+async def test_a_dsn_that_cannot_be_stored_is_retried_later_not_at_once(t: Env) -> None:
+    """The recipient stays pending when its DSN cannot be stored; the next pass waits
+    ERROR_RETRY instead of asking the MX again in a tight loop (found in review: 307
+    attempts in a second with the clock frozen)."""
+    t.fake.script = {"a@x.test": [("permanent", "550 5.1.1 nope")] * 5}
+    spool = NoRoomForDsns(t.spool.root, clock=t.clock)
+    qid = t.queue("a@x.test")
+    s = await t.start(spool=spool)
+    await settle(s)
+    await asyncio.sleep(0.2)  # a tight loop would have run many passes by now
+    assert len(t.fake.calls) == 1
+    assert not t.spool.load(qid).recipients[0].state.final  # never lost, never bounced
+    t.clock.now += 61
+    s.wake()
+    await settle(s)
+    assert len(t.fake.calls) == 2

@@ -179,3 +179,21 @@ async def test_an_unreadable_cache_file_is_skipped(world: World, tmp_path: Path)
     (tmp_path / "broken.test.json").write_text("{not json")
     s = store(world, tmp_path)
     assert (await s.for_domain(D)).policy == policy()
+
+
+async def test_an_unchanged_id_is_refetched_before_the_policy_expires(
+    world: World, tmp_path: Path
+) -> None:
+    """RFC 8461 3.3: max_age counts from the last fetch.  In the second half of its life
+    the policy is fetched again (same id), so it never lapses; found in review: without
+    this it expired every max_age, and a blocked fetch then meant no policy."""
+    s = store(world, tmp_path)
+    await s.for_domain(D)
+    world.now += 13 * 3600  # 11 h left of 24 h
+    await s.for_domain(D)
+    await settle()
+    assert world.fetches == 2
+    world.now += 23 * 3600  # 36 h after the first fetch, 23 h after the second
+    world.txt = None  # DNS down, the policy server unreachable
+    world.served = FetchError("https://...: connection refused", FETCH_ERROR)
+    assert (await s.for_domain(D)).policy == policy()

@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.config import DomainPolicy, PolicyConfig, TlsLevel
-from relay.domains import normalize_domain
+from relay.domains import Domain, normalize_domain
+from relay.tlspolicy.mtasts import parse_policy
 from relay.tlspolicy.verdict import (
     Observed,
+    PolicySource,
     Requirement,
     Verdict,
     decide,
@@ -370,3 +372,29 @@ def test_distinct_names_do_not_match(x: str, y: str) -> None:
 @given(st.text(max_size=30), st.text(max_size=30))
 def test_name_matches_never_raises(x: str, y: str) -> None:
     assert name_matches(x, y) in (True, False)
+
+
+STS = parse_policy(b"version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n")
+
+
+def test_mta_sts_enforce_raises_encrypt_to_verify_and_never_lowers() -> None:
+    req = requirement(POLICY, Domain("other.test"), "mx.other.test", STS)
+    assert (req.level, req.policy_source, req.mx_name_required) == (V, PolicySource.MTA_STS, True)
+    assert req.source == "MTA-STS policy of other.test (enforce)"
+    secure = requirement(POLICY, Domain("example.com"), "mx1.example.com", STS)
+    assert secure.level == S  # the floor stays where it was
+    testing = parse_policy(b"version: STSv1\nmode: testing\nmx: a.test\nmax_age: 60\n")
+    assert requirement(POLICY, Domain("other.test"), "mx.other.test", testing).level == E
+
+
+def test_mta_sts_enforce_needs_the_mx_name_even_where_secure_is_met() -> None:
+    """Found in review: `secure` accepts a `match` name (www.example.com via
+    .example.com) without the MX host name; RFC 8461 4.2 requires the MX name."""
+    www = replace(GOOD, cert_names=("www.example.com",))
+    static = requirement(POLICY, Domain("example.com"), "mx1.example.com")
+    assert decide(static, www).ok  # the configured policy alone accepts it
+    enforced = requirement(POLICY, Domain("example.com"), "mx1.example.com", STS)
+    verdict = decide(enforced, www)
+    assert not verdict.ok and verdict.result_type == "certificate-host-mismatch"
+    assert "requires the MX host name" in verdict.reason
+    assert decide(enforced, replace(GOOD, cert_names=("mx1.example.com", "example.com"))).ok
