@@ -40,6 +40,7 @@ def normalize_domain(name: str) -> Domain:
         # UTS #46 mapping (case folding, fullwidth and other compatibility forms),
         # non-transitional (IDNA 2008: "ß" stays "ß"), STD3 rules: LDH host names only.
         mapped = idna.uts46_remap(text, std3_rules=True, transitional=False)
+        mapped = mapped[:-1] if mapped.endswith(".") else mapped  # "。" maps to a root dot
         result = ".".join(_a_label(label) for label in mapped.split("."))
     except (idna.IDNAError, UnicodeError) as exc:
         raise InvalidDomain(f"{name!r} is not a valid domain name: {exc}") from exc

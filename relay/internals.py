@@ -101,11 +101,12 @@ def problems() -> list[str]:
     found: list[str] = []
     for dist, items in BORROWED.items():
         for item in items:
-            present = (
-                item.name in _assigned(item.owner)
-                if item.instance
-                else hasattr(item.owner, item.name)
-            )
+            if item.instance:
+                assigned = _assigned(item.owner)
+                # No source to read (a .pyc-only install): this name cannot be checked.
+                present = assigned is None or item.name in assigned
+            else:
+                present = hasattr(item.owner, item.name)
             if not present:
                 found.append(_sentence(dist, item))
     return found
@@ -137,16 +138,19 @@ def _version(dist: str) -> str:
 
 
 @functools.cache
-def _assigned(owner: type | object) -> frozenset[str]:
+def _assigned(owner: type | object) -> frozenset[str] | None:
     """Names assigned as ``self.NAME`` anywhere in the source of *owner* and its
-    bases (instance attributes exist only on live instances)."""
+    bases (instance attributes exist only on live instances); None when no source
+    could be read at all."""
     classes = inspect.getmro(owner) if isinstance(owner, type) else ()
     names: set[str] = set()
+    read = False
     for cls in classes:
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         except (OSError, TypeError):
             continue
+        read = True
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Attribute)
@@ -155,4 +159,4 @@ def _assigned(owner: type | object) -> frozenset[str]:
                 and node.value.id == "self"
             ):
                 names.add(node.attr)
-    return frozenset(names)
+    return frozenset(names) if read else None

@@ -31,6 +31,7 @@ FULLWIDTH_BUECHER = "\uff42\u00fc\uff43\uff48\uff45\uff52\uff0etest"  # fullwidt
         ("R3--SN-ab.example", "r3--sn-ab.example"),  # reserved-LDH, not xn--: kept (DNS has them)
         ("bücher.ab--cd.test", "xn--bcher-kva.ab--cd.test"),
         ("a\u200bb.test", "ab.test"),  # UTS #46 ignores a zero-width space: the same name
+        ("example.com\u3002", "example.com"),  # an ideographic full stop as the root dot
     ],
 )
 def test_normal_form(written: str, normal: str) -> None:

@@ -298,7 +298,14 @@ class Scheduler:
             if (run.write_failed or run.notices_failed) and not env.done:
                 return self.clock() + ERROR_RETRY  # disk trouble: not again at once
         if env.done:
-            self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
+            try:
+                self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
+            except OSError as exc:
+                # The removal was to be the record that everyone got it (the last state
+                # write was skipped): keep that in memory, or the retry would deliver again.
+                event(log, "queue_remove_failed", logging.ERROR, queue_id=qid, error=exc)
+                self._unsaved[qid] = env
+                return self.clock() + ERROR_RETRY
             event(log, "queue_removed", queue_id=qid)
             return None
         return self._next_due(env)

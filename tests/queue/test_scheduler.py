@@ -563,3 +563,30 @@ async def test_a_dsn_that_cannot_be_stored_is_retried_later_not_at_once(t: Env) 
     s.wake()
     await settle(s)
     assert len(t.fake.calls) == 2
+
+
+class StuckRemove(Spool):
+    """Unlinking the finished message fails once (EIO, a read-only remount)."""
+
+    failures = 1
+
+    def remove(self, qid: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(5, "Input/output error")
+        super().remove(qid)
+
+
+async def test_a_failed_removal_never_delivers_again(t: Env) -> None:
+    """The removal is the record that every recipient got it (the last state write is
+    skipped); when it fails, that is kept in memory and the retry removes the message
+    instead of delivering it again from the stale state on disk (found in review)."""
+    spool = StuckRemove(t.spool.root, clock=t.clock)
+    qid = t.queue("a@x.test")
+    s = await t.start(spool=spool)
+    await settle(s)
+    assert t.spool.exists(qid) and len(t.fake.calls) == 1
+    t.clock.now += 61
+    s.wake()
+    await settle(s)
+    assert not t.spool.exists(qid) and len(t.fake.calls) == 1
