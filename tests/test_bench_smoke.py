@@ -156,3 +156,12 @@ def test_rate_mode_plan_is_shared_and_bounded() -> None:
     plan = loadgen.Plan(conns=2, msgs=3, rate=100.0)
     got = [plan.take(0, 0) for _ in range(7)]
     assert [g[1] for g in got if g] == list(range(6)) and got[-1] is None
+
+
+def test_the_relay_is_never_skipped_for_its_layout() -> None:
+    """bench skipped the relay rows silently after the issue-9 layout moved
+    relay/delivery.py: whether the relay runs is decided by the binary and a real
+    start, never by file names inside the package."""
+    from bench import systems
+
+    assert systems.relay_unavailable() is None
