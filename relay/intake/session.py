@@ -250,7 +250,7 @@ class RelaySMTP(CommandLoop):
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [self.hostname, f"SIZE {self.settings.limits.max_message_size}"]
-        lines += ["8BITMIME", "SMTPUTF8", "PIPELINING"]
+        lines += ["8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"]  # RFC 2034
         if not self.tls_active():
             lines.append("STARTTLS")
         elif self.settings.passwords is not None:
@@ -352,8 +352,9 @@ class RelaySMTP(CommandLoop):
             await self.reply(refusal)
             return
         assert isinstance(rcpt, str)
-        self.envelope.rcpt_tos.append(rcpt)
-        self.envelope.rcpt_params.append([])
+        if rcpt not in self.envelope.rcpt_tos:  # a duplicate is accepted, delivered once
+            self.envelope.rcpt_tos.append(rcpt)
+            self.envelope.rcpt_params.append([])
         await self.reply(replies.RCPT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:

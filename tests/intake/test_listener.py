@@ -358,3 +358,28 @@ async def test_pipelined_group_is_answered_in_one_record(intake: IntakeFactory) 
     codes = [line[:3] for line in first.split(b"\r\n") if line]
     assert codes == [b"250", b"250", b"553", b"354"]
     assert stored[0] == 250 and alone[0] == 250
+
+
+async def test_duplicate_recipients_are_accepted_and_kept_once(intake: IntakeFactory) -> None:
+    """Issue 15: a recipient given twice (in any domain spelling) is delivered once,
+    as Postfix's duplicate filter does; both RCPTs get 250."""
+    h = await intake()
+
+    def run() -> int:
+        with session(HOST, h.starttls_port, h.client_context()) as raw:
+            return send_one(raw, ["a@x.test", "b@x.test", "a@X.Test", "a@x.test"])
+
+    assert await asyncio.to_thread(run) == 250
+    env = h.spool.load(h.spool.ids()[0])
+    assert [r.address for r in env.recipients] == ["a@x.test", "b@x.test"]
+
+
+async def test_ehlo_advertises_enhanced_status_codes(intake: IntakeFactory) -> None:
+    """RFC 2034: every reply carries an enhanced code, so EHLO says so."""
+    h = await intake()
+
+    def run() -> str:
+        with session(HOST, h.starttls_port, h.client_context()) as raw:
+            return raw.cmd("EHLO c.test")[1]
+
+    assert "ENHANCEDSTATUSCODES" in (await asyncio.to_thread(run)).split("\n")
