@@ -34,23 +34,29 @@ def context_key(req: Requirement) -> ContextKey:
     return verify, req.min_version
 
 
+def trust_store_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context that trusts the `verify` CA store and checks names: *ca_file*
+    alone when it is set - it replaces the system store, as Postfix's smtp_tls_CAfile
+    does with tls_append_default_CAfile off: an operator who names the CAs to trust
+    means those, and no others - else the system store.  SMTP's client contexts and
+    the MTA-STS policy fetch (RFC 8461 3.3) both start here."""
+    if ca_file is None:
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no default (system) CAs loaded
+    ctx.load_verify_locations(cafile=str(ca_file))
+    return ctx
+
+
 def client_context(
     verify: bool, min_version: ssl.TLSVersion, ca_file: Path | None
 ) -> ssl.SSLContext:
-    """A client context for one (verify, floor) pair.  *ca_file* replaces the system
-    CA store (as Postfix's smtp_tls_CAfile does with tls_append_default_CAfile off):
-    an operator who names the CAs to trust means those, and no others."""
-    if ca_file is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no default (system) CAs loaded
+    """A client context for one (verify, floor) pair, on the `verify` CA store."""
+    ctx = trust_store_context(ca_file)
     # Names are matched by policy.decide against the MX host or the recipient domain
     # (RFC 7817 §3: "secure" may need a name other than the one we connected to).
     ctx.check_hostname = False
     if verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
-        if ca_file is not None:
-            ctx.load_verify_locations(cafile=str(ca_file))
     else:
         # RFC 7435 opportunistic security: "encrypt" protects against passive
         # eavesdroppers only, so the certificate is not checked.

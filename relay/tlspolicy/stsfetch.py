@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.domains import Domain
+from relay.tlspolicy.contexts import trust_store_context
 from relay.tlspolicy.mtasts import MAX_POLICY_BYTES, StsError, StsPolicy, parse_policy
 
 FETCH_ERROR = "sts-policy-fetch-error"  # RFC 8460 4.3 result types
@@ -70,16 +70,6 @@ class _Resolver(AbstractResolver):
         return None
 
 
-def https_context(ca_file: Path | None) -> ssl.SSLContext:
-    """WebPKI validation with the name checked (RFC 8461 3.3), against *ca_file* alone
-    when it is set (as for `verify`), else the system store."""
-    if ca_file is None:
-        return ssl.create_default_context()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED on
-    ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx
-
-
 class StsFetcher:
     """One HTTPS client for every policy fetch (made at the first fetch, on its loop)."""
 
@@ -91,7 +81,7 @@ class StsFetcher:
         timeout: float = FETCH_TIMEOUT,
     ) -> None:
         self._lookup = lookup
-        self._context = https_context(ca_file)
+        self._context = trust_store_context(ca_file)  # WebPKI, name checked (RFC 8461 3.3)
         self._port = port
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
