@@ -114,23 +114,15 @@ class CommandLoop(SMTP):
         counts toward max_commands, empty and unknown ones too (else a client could
         hold its slot forever with them)."""
         assert self.session is not None
-        try:
-            line: bytes = await self._reader.readuntil()
-        except asyncio.LimitOverrunError as error:
-            await self._discard_long_line(error.consumed)
-            line = b""
-            too_long = True
-        else:
-            too_long = False
+        line = await self.read_line()
         self.commands += 1
         if self.commands > self._max_commands:
             event(log, "session_limit", client=self.peer[0], reason="max_commands")
             await self.close_with(replies.TOO_MANY_COMMANDS)
             return None
-        if too_long:
+        if line is None:  # over the stream limit, already drained
             await self.push("500 Command line too long")
             return None
-        line = line.rstrip(b"\r\n")
         verb, _, arg_bytes = line.partition(b" ")
         try:
             command = verb.upper().decode("ascii")
@@ -170,8 +162,9 @@ class CommandLoop(SMTP):
         await self.push(status)
 
     async def read_line(self) -> bytes | None:
-        """One line from the client without its CRLF (an AUTH exchange), or None when it
-        was longer than the stream limit; the rest of that line is read and dropped."""
+        """One line from the client without its CRLF (a command, or an AUTH exchange),
+        or None when it was longer than the stream limit; the rest of that line is read
+        and dropped."""
         try:
             line: bytes = await self._reader.readuntil()
         except asyncio.LimitOverrunError as error:

@@ -117,7 +117,7 @@ class RelaySMTP(CommandLoop):
         self.phase = Phase.COMMAND
         self.shutdown_requested = False
         self.messages = 0
-        self._admitted = self._refused = self._lost = self._freed = False
+        self._admitted = self._lost = self._freed = False
         self._preadmitted = preadmitted  # counted at accept by the listener (implicit TLS)
         self._addr: IPAddress = ipaddress.IPv4Address(0)
         self._last_user: str | None = None
@@ -132,7 +132,6 @@ class RelaySMTP(CommandLoop):
         if not self._preadmitted and (
             self.shutdown_requested or not self.settings.gate.admit(self._addr)
         ):
-            self._refused = True
             # Not isinstance(asyncio.Transport): uvloop's transports are not subclasses.
             writer = cast(asyncio.WriteTransport, transport)
             writer.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
@@ -147,8 +146,8 @@ class RelaySMTP(CommandLoop):
         event(log, "session_open", client=self.peer[0], port=self.peer[1], **self._log_tls())
 
     def _handshake_failed(self, error: BaseException) -> None:
-        """STARTTLS failed: the slot is free at once; logged, throttled per listener."""
-        self._free_slot()
+        """STARTTLS failed (the command loop then closes, which frees the slot): logged,
+        throttled per listener."""
         log_handshake_failure(self.settings, self.peer[0], error)
 
     @property
