@@ -220,7 +220,9 @@ class Deliverer:
         pending = progress.pending()
         progress.target = target
         if sts is not None and sts.mode is Mode.TESTING:
-            got, ctx_key, ctx = await self._testing_session(progress, domain, target, req, sts)
+            got, ctx_key, ctx = await self._testing_session(
+                progress, domain, target, req, sts, (ctx_key, ctx)
+            )
         else:
             got = await self._session(
                 (target, ctx_key), target, req, ctx, ctx_key[0], progress.trace
@@ -259,6 +261,7 @@ class Deliverer:
         target: Target,
         req: Requirement,
         sts: StsPolicy,
+        floor: tuple[ContextKey, ssl.SSLContext],
     ) -> tuple[tuple[OutboundSession, Verdict, bool] | Failure, ContextKey, ssl.SSLContext]:
         """MTA-STS mode testing (RFC 8461 5): judge the session as enforce would, log
         the outcome, deliver under the floor.  The handshake verifies the chain so the
@@ -274,7 +277,7 @@ class Deliverer:
             return got, probe_key, probe_ctx
         untrusted = got.observed is not None and got.observed.handshake_error is not None
         self._log_testing(progress, domain, target, got.verdict, got.reason)
-        floor_key, floor_ctx = self._contexts.for_requirement(req)
+        floor_key, floor_ctx = floor
         if not untrusted or floor_key == probe_key:
             return got, probe_key, probe_ctx  # the floor fails the same way
         got = await self._session(

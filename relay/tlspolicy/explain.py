@@ -116,13 +116,20 @@ async def _gather(
     return None, (), await resolver.resolve(domain), state
 
 
-def report_json(cfg: Config, domain: str, resolver: MxResolver | None = None) -> dict[str, Any]:
-    """``tls-relay policy DOMAIN --json``: every input and, per MX host (or the route's
-    next hop), the effective requirement and its source."""
+def _inputs(
+    cfg: Config, domain: str, resolver: MxResolver | None
+) -> tuple[Domain, Route | None, tuple[str, ...], MxResult | None, StsState | None]:
+    """The domain's normal form and what DNS (and MTA-STS) say about it right now."""
     name = normalize_domain(domain)
     if resolver is None:
         resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    route, next_hop_addrs, mx, sts = asyncio.run(_gather(cfg, name, resolver))
+    return name, *asyncio.run(_gather(cfg, name, resolver))
+
+
+def report_json(cfg: Config, domain: str, resolver: MxResolver | None = None) -> dict[str, Any]:
+    """``tls-relay policy DOMAIN --json``: every input and, per MX host (or the route's
+    next hop), the effective requirement and its source."""
+    name, route, next_hop_addrs, mx, sts = _inputs(cfg, domain, resolver)
     policy = sts.policy if sts is not None else None
     hosts: list[dict[str, Any]] = []
     if route is not None:
@@ -176,10 +183,7 @@ def _sts_json(state: StsState | None, cfg: Config) -> dict[str, Any]:
 
 def report(cfg: Config, domain: str, resolver: MxResolver | None = None) -> str:
     """The text printed by ``tls-relay policy DOMAIN`` (does DNS lookups; no SMTP)."""
-    name = normalize_domain(domain)
-    if resolver is None:
-        resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
-    route, next_hop_addrs, mx, sts = asyncio.run(_gather(cfg, name, resolver))
+    name, route, next_hop_addrs, mx, sts = _inputs(cfg, domain, resolver)
     lines = [f"domain: {name}"]
     if route is not None:
         lines += _route_lines(route, next_hop_addrs)
