@@ -294,9 +294,9 @@ class Scheduler:
             run = DeliveryPass(self._passes, env, data)
             await run.run(due)
             if run.write_failed and not env.done:
-                self._unsaved[qid] = env  # the spool is behind what happened: keep it
-            if (run.write_failed or run.notices_failed) and not env.done:
-                return self.clock() + ERROR_RETRY  # disk trouble: not again at once
+                return self._keep_unsaved(qid, env)  # the spool is behind what happened
+            if run.notices_failed and not env.done:
+                return self.clock() + ERROR_RETRY  # a DSN could not be stored: not at once
         if env.done:
             try:
                 self.spool.remove(qid)  # two unlinks, no fsync: not worth a thread hop
@@ -304,11 +304,16 @@ class Scheduler:
                 # The removal was to be the record that everyone got it (the last state
                 # write was skipped): keep that in memory, or the retry would deliver again.
                 event(log, "queue_remove_failed", logging.ERROR, queue_id=qid, error=exc)
-                self._unsaved[qid] = env
-                return self.clock() + ERROR_RETRY
+                return self._keep_unsaved(qid, env)
             event(log, "queue_removed", queue_id=qid)
             return None
         return self._next_due(env)
+
+    def _keep_unsaved(self, qid: str, env: QueueEnvelope) -> float:
+        """The spool could not record *env*: keep it in memory (written again before
+        anything else is tried for it) and look again after ERROR_RETRY."""
+        self._unsaved[qid] = env
+        return self.clock() + ERROR_RETRY
 
     def _load(self, qid: str, now: float) -> tuple[QueueEnvelope, bytes]:
         """QueueEnvelope and data in one trip off the loop (data only if something is due)."""
