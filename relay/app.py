@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from relay import log as relaylog
 from relay import workers
-from relay.config import Config, DeliveryConfig, PolicyConfig
+from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import MxResolver
 from relay.delivery.pool import SessionPool
@@ -52,6 +52,8 @@ from relay.tlspolicy.ststore import StsPolicies
 
 log = logging.getLogger("relay.app")
 
+DNSSEC_REPROBE = 300.0  # seconds between DNSSEC probes of the resolver (DANE)
+
 
 @dataclass
 class App:
@@ -64,6 +66,8 @@ class App:
     listeners: list[Listener] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
+    resolver: MxResolver | None = None  # probed for DNSSEC when the policy asks for DANE
+    _dnssec_watch: asyncio.Task[None] | None = None
 
     def on_queued(self, qid: str) -> None:
         """A message is on disk and acknowledged; hand it to the queue side."""
@@ -71,6 +75,10 @@ class App:
         self.scheduler.enqueue(qid)
 
     async def start(self) -> None:
+        if self.cfg.policy.dane and self.resolver is not None:
+            # Before any delivery: a message sent before the probe would go without DANE.
+            await self._probe_dnssec(log_unchanged=True)
+            self._dnssec_watch = asyncio.create_task(self._watch_dnssec())
         # Queue side first: its spool recovery must finish before any listener writes.
         await self.scheduler.start()
         started: list[Listener] = []
@@ -87,17 +95,6 @@ class App:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
-        policy = self.cfg.policy
-        if policy.dane:
-            # Said at every start, so nobody believes DANE is enforced.
-            event(
-                log,
-                "policy_not_enforced",
-                logging.WARNING,
-                dane=policy.dane,
-                reason="DANE is not implemented in this version; "
-                "the static policy and MTA-STS apply",
-            )
         event(
             log,
             "relay_started",
@@ -109,7 +106,36 @@ class App:
             loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop|asyncio
         )
 
+    async def _probe_dnssec(self, log_unchanged: bool = False) -> None:
+        """Postfix's dnssec_probe: DANE only while the resolver proves it validates."""
+        assert self.resolver is not None
+        was = self.resolver.validated
+        why = await self.resolver.probe_dnssec()
+        if self.resolver.validated == was and not log_unchanged:
+            return
+        if why is None:
+            event(log, "dane_enabled", reason="the resolver validates ('. NS' came back with AD)")
+            return
+        dane_only = [d for d, p in self.cfg.policy.domains.items() if p.level >= TlsLevel.DANE]
+        event(
+            log,
+            "dane_disabled",
+            logging.WARNING,
+            reason=why,
+            retry=f"probed again every {DNSSEC_REPROBE:g}s",
+            deferred=",".join(dane_only) or None,  # dane-only domains wait meanwhile
+        )
+
+    async def _watch_dnssec(self) -> None:
+        """Probe again now and then: a resolver started after the relay turns DANE on,
+        one that stopped validating turns it off (and says so)."""
+        while True:
+            await asyncio.sleep(DNSSEC_REPROBE)
+            await self._probe_dnssec()
+
     async def stop(self) -> None:
+        if self._dnssec_watch is not None:
+            self._dnssec_watch.cancel()
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
         self.spool.fresh.clear()  # locks still held for messages never picked up
@@ -137,7 +163,9 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         )
     gate = Gate(limits, cfg.clients.networks)  # caps are per process, not per listener
     metrics = Metrics()
-    resolver = MxResolver(cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts)
+    resolver = MxResolver(
+        cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts, dnssec=cfg.policy.dane
+    )
     sts = mta_sts(cfg, resolver) if cfg.policy.mta_sts else None
     deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics, sts)
     scheduler = Scheduler(
@@ -157,6 +185,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         gate=gate,
         scheduler=scheduler,
         metrics=metrics,
+        resolver=resolver,
     )
     sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
     app.listeners = [

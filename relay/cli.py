@@ -14,8 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.errors import ConfigError, RelayError
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 DEFAULT_CONFIG = "config/relay.yaml"
 
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         internals.require()  # a library without what we borrow: stop now, say why
     if cmd == "check-config":
         cfg = configmod.load(path)
-        print(configmod.summary(cfg))
+        print(configmod.summary(cfg, dane=_dane_line(cfg) if cfg.policy.dane else None))
         return 0
     if cmd == "passwd":
         from relay.intake import users
@@ -133,6 +137,20 @@ def run(args: argparse.Namespace) -> int:
 
         return queue_cli.run(cfg, args)
     raise AssertionError(f"unhandled command {cmd}")
+
+
+def _dane_line(cfg: Config) -> str:
+    """Probe the resolver as `serve` does at start (DANE needs a validating resolver
+    on loopback) and say what that means; a warning, not an error (exit 0)."""
+    import asyncio
+
+    from relay.delivery.mx import MxResolver
+
+    resolver = MxResolver(cfg.delivery.resolver, dnssec=True)
+    why = asyncio.run(resolver.probe_dnssec())
+    if why is None:
+        return "dane: on (the resolver validates: '. NS' came back with the AD bit)"
+    return f"warning: dane: true, but DANE stays off until the resolver validates: {why}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Borrowed internals: every private attribute of a library the relay relies on.
 
-Role: the one list of the private names of aiosmtpd, aiosmtplib, asyncio and logging
+Role: the one list of the private names of aiosmtpd, aiosmtplib, asyncio, ssl and logging
 that tls-relay's code uses, with where and why, and :func:`require`, which
 ``serve`` and ``check-config`` call first: an installed version that lacks one of
 them stops the relay at start-up with a sentence naming the library, its version
@@ -17,12 +17,14 @@ Not: a compatibility layer - the code uses the names directly, where it needs th
 
 from __future__ import annotations
 
+import _ssl
 import ast
 import asyncio.streams
 import functools
 import inspect
 import logging
 import platform
+import ssl
 import textwrap
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,6 +49,7 @@ _SMTP = aiosmtpd_smtp.SMTP
 _PROTO = aiosmtplib.protocol.SMTPProtocol
 _READER = asyncio.streams.StreamReader
 _WRITER = asyncio.streams.StreamWriter
+_SSL_OBJECT: type = getattr(_ssl, "_SSLSocket")  # noqa: B009 (typeshed does not list it)
 
 # Distribution name and the range pyproject.toml pins; "python" for the stdlib.
 TESTED = {
@@ -90,6 +93,10 @@ BORROWED: dict[str, tuple[Borrowed, ...]] = {
         Borrowed(_READER, "_buffer", True, "peek for a pipelined line; cleared at STARTTLS"),
         Borrowed(_READER, "_transport", True, "switched to the TLS transport at STARTTLS"),
         Borrowed(_WRITER, "_transport", True, "switched to the TLS transport at STARTTLS"),
+        # relay/tlspolicy/contexts.py: the chain the MX sent, for DANE-TA (RFC 7672 3.1.2);
+        # public as SSLObject.get_unverified_chain() only from Python 3.13.
+        Borrowed(ssl.SSLObject, "_sslobj", True, "the _ssl object behind an SSLObject"),
+        Borrowed(_SSL_OBJECT, "get_unverified_chain", False, "the peer's chain as sent"),
         # relay/log.py: logging's documented optimisation.
         Borrowed(logging, "_srcfile", False, "None skips a stack walk per log line"),
     ),

@@ -15,6 +15,7 @@ import uvloop
 
 pytest_plugins = [
     "tests.fixtures.dns",  # dns_server: authoritative DNS on loopback
+    "tests.fixtures.dnssec",  # dnssec_lab: nsd + validating unbound over a signed zone
     "tests.fixtures.intake",  # intake: in-process listeners on the product's TLS context
     "tests.fixtures.postfix",  # postfix_mx: Debian's Postfix as the receiving MX
     "tests.fixtures.relay_proc",  # relay: `tls-relay serve` as a subprocess

@@ -2,8 +2,8 @@
 
 Role: validate the static outbound TLS policy (default level and minimum TLS version,
 per-domain overrides with extra `match` names, MTA-STS/DANE switches) into a
-:class:`relay.config.model.PolicyConfig`. Plaintext levels and the unimplemented DANE
-levels are refused with a sentence saying why.
+:class:`relay.config.model.PolicyConfig`. Plaintext levels are refused with a sentence
+saying why.
 Not: deciding verdicts at delivery time (``relay.tlspolicy.verdict``), fetching MTA-STS
 policies or TLSA records, or parsing the rest of relay.yaml (``relay.config.load``).
 """
@@ -20,11 +20,16 @@ from relay.config.model import DomainPolicy, PolicyConfig, TlsLevel
 from relay.domains import Domain
 from relay.errors import ConfigError
 
-_LEVELS = {"encrypt": TlsLevel.ENCRYPT, "verify": TlsLevel.VERIFY, "secure": TlsLevel.SECURE}
-_PLAINTEXT_MSG = "plaintext is never allowed; use encrypt, verify or secure"
+_LEVELS = {
+    "encrypt": TlsLevel.ENCRYPT,
+    "verify": TlsLevel.VERIFY,
+    "secure": TlsLevel.SECURE,
+    "dane-only": TlsLevel.DANE_ONLY,
+}
+_PLAINTEXT_MSG = "plaintext is never allowed; use encrypt, verify, secure or dane-only"
 _DANE_MSG = (
-    "DANE is not implemented in this version; refusing rather than pretending to enforce it "
-    "(use encrypt, verify or secure)"
+    "there is no level dane: with `dane: true` DANE applies at every level wherever an MX "
+    "host publishes TLSA records; use dane-only to require it"
 )
 
 
@@ -34,10 +39,10 @@ def _level(ctx: check.Ctx, where: str, raw: Any) -> TlsLevel | None:
         return _LEVELS[text]
     if text in ("none", "may") or raw is False:
         ctx.add(where, _PLAINTEXT_MSG, raw)
-    elif text in ("dane", "dane-only"):
+    elif text == "dane":
         ctx.add(where, _DANE_MSG, raw)
     else:
-        ctx.add(where, "must be encrypt, verify or secure", raw)
+        ctx.add(where, "must be encrypt, verify, secure or dane-only", raw)
     return None
 
 
@@ -98,6 +103,14 @@ def _policy_body(ctx: check.Ctx, where: str, raw: Any, source: Path | None) -> P
         if k in data
     }
     domains = _policy_domains(ctx, check.join(where, "domains"), data.get("domains", {}), default)
+    if flags.get("dane") is False:
+        # dane-only with DANE switched off could never deliver: say so now, not per message.
+        keyed = {check.join(where, "default"): default} | {
+            check.keyed(check.join(where, "domains"), d): p for d, p in domains.items()
+        }
+        for here, policy in keyed.items():
+            if policy.level is TlsLevel.DANE_ONLY:
+                ctx.add(f"{here}.level", "dane-only needs `dane: true` in the policy", "dane-only")
     return PolicyConfig(
         default=default,
         mta_sts=flags.get("mta_sts") is not False,

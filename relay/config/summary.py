@@ -9,8 +9,9 @@ from relay.config import units
 from relay.config.model import Config, PolicyConfig, ResolverConfig, Route
 
 
-def summary(cfg: Config) -> str:
-    """A few lines for `check-config`: what this config will do."""
+def summary(cfg: Config, dane: str | None = None) -> str:
+    """A few lines for `check-config`: what this config will do.  *dane*: the line
+    on DANE, when the caller probed the resolver (relay.cli)."""
     nets = len(cfg.clients.networks)
     users_file = str(cfg.clients.users_file) if cfg.clients.users_file else "none (no AUTH)"
     queue = cfg.queue
@@ -37,11 +38,10 @@ def summary(cfg: Config) -> str:
             else "off"
         )
     )
-    if cfg.policy.dane:
-        lines.append(
-            "note: DANE is not implemented yet in this version; the static policy "
-            "and MTA-STS are what apply"
-        )
+    if dane is not None:
+        lines.append(dane)
+    elif not cfg.policy.dane:
+        lines.append("dane: off")
     return "\n".join(lines)
 
 

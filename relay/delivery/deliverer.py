@@ -42,11 +42,28 @@ from relay.domains import Domain
 from relay.log import event
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts, ContextKey
+from relay.tlspolicy.dane import TlsaStatus
 from relay.tlspolicy.mtasts import Mode, StsPolicy, mx_allowed
 from relay.tlspolicy.ststore import StsPolicies
-from relay.tlspolicy.verdict import Requirement, Verdict, decide, requirement
+from relay.tlspolicy.verdict import (
+    PolicySource,
+    Requirement,
+    Verdict,
+    decide,
+    precheck,
+    requirement,
+)
+
+DANE = PolicySource.DANE
+DNSSEC_INVALID = "dnssec-invalid"  # RFC 8460 4.3.2
 
 log = logging.getLogger("relay.delivery")
+
+
+def _dane_applies(progress: Progress, host: str) -> bool:
+    tlsa = progress.tlsa.get(host)
+    return tlsa is not None and tlsa.status is TlsaStatus.SECURE
+
 
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
@@ -154,9 +171,12 @@ class Deliverer:
                 progress.outcomes[i] = Outcome(progress.recipients[i][0], status, result.reason)
             log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
             return []
-        hosts = self._sts_hosts(progress, domain, list(result.hosts))
+        hosts = list(result.hosts[: self.cfg.max_mx_hosts])
+        if self.dane_active:
+            hosts = await self._dane_hosts(progress, hosts, result.secure)
+        hosts = self._sts_hosts(progress, domain, hosts)
         targets: list[Target] = []
-        for mx in hosts[: self.cfg.max_mx_hosts]:
+        for mx in hosts:
             addresses = mx.addresses or await self.resolver.addresses(mx.name)
             targets += [
                 Target(mx.name, ip, self.cfg.port) for ip in addresses[:MAX_ADDRESSES_PER_HOST]
@@ -167,6 +187,39 @@ class Deliverer:
             )
         return targets
 
+    @property
+    def dane_active(self) -> bool:
+        """DANE is asked for (policy ``dane: true``) and the resolver's AD bit is
+        believed (relay.delivery.mx.MxResolver.probe_dnssec)."""
+        return self.policy.dane and self.resolver.validated
+
+    async def _dane_hosts(
+        self, progress: Progress, hosts: list[MxHost], mx_secure: bool
+    ) -> list[MxHost]:
+        """RFC 7672 2.2: the TLSA RRset of each MX host whose addresses are secure,
+        looked up together.  A host whose lookup failed (SERVFAIL, bogus, timeout) is
+        deferred: never tried without the DANE it may publish."""
+        progress.mx_secure = mx_secure
+        secure = [mx for mx in hosts if mx.secure]
+        found = await asyncio.gather(*(self.resolver.tlsa(mx.name, self.cfg.port) for mx in secure))
+        usable: list[MxHost] = []
+        for mx in hosts:
+            tlsa = found[secure.index(mx)] if mx.secure else None
+            if tlsa is not None:
+                progress.tlsa[mx.name] = tlsa
+            if tlsa is None or tlsa.status is not TlsaStatus.FAILED:
+                usable.append(mx)
+                continue
+            reason = f"MX {mx.name} skipped: {tlsa.detail} for {tlsa.name} (RFC 7672 2.2)"
+            progress.reasons.append(reason)
+            target = Target(mx.name, mx.addresses[0] if mx.addresses else "", self.cfg.port)
+            verdict = Verdict(False, None, reason, DNSSEC_INVALID)
+            self.metrics.tls_failures.inc()
+            log_attempt(
+                progress, progress.pending(), Status.TRANSIENT, reason, target, None, None, verdict
+            )
+        return usable
+
     def _sts_hosts(self, progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[MxHost]:
         """RFC 8461 4.1: under an MTA-STS policy, MX hosts its ``mx`` patterns do not
         allow are skipped (enforce) or reported (testing).  Enforce and none allowed:
@@ -175,7 +228,12 @@ class Deliverer:
         if state is None or state.policy is None:
             return hosts
         policy = state.policy
-        refused = [mx.name for mx in hosts if not mx_allowed(policy, mx.name)]
+        # RFC 8461 2: a host DANE applies to is not subject to the MTA-STS policy.
+        refused = [
+            mx.name
+            for mx in hosts
+            if not mx_allowed(policy, mx.name) and not _dane_applies(progress, mx.name)
+        ]
         if not refused:
             return hosts
         event(
@@ -215,11 +273,16 @@ class Deliverer:
         data: bytes,
     ) -> None:
         sts = progress.sts.policy if progress.sts is not None else None
-        req = requirement(self.policy, domain, target.host, sts)
+        tlsa = progress.tlsa.get(target.host)
+        req = requirement(self.policy, domain, target.host, sts, tlsa, progress.mx_secure)
         ctx_key, ctx = self._contexts.for_requirement(req)
         pending = progress.pending()
         progress.target = target
-        if sts is not None and sts.mode is Mode.TESTING:
+        refused = precheck(req)
+        if refused is not None:  # dane-only without usable TLSA: no connection at all
+            self._no_session(progress, pending, Failure(refused.reason, None, refused), target, req)
+            return
+        if sts is not None and sts.mode is Mode.TESTING and req.policy_source is not DANE:
             got, ctx_key, ctx = await self._testing_session(
                 progress, domain, target, req, sts, (ctx_key, ctx)
             )

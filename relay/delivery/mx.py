@@ -1,13 +1,16 @@
 """MX lookup: where mail for a domain goes, as an :class:`MxResult` value.
 
-Role: resolve a recipient domain's MX hosts (RFC 5321 §5.1) with dnspython's async
-resolver, order them, cap them, and resolve each host's A and AAAA addresses; classify
-every outcome where it is seen: OK, PERMANENT (NXDOMAIN, null MX) or TRANSIENT
-(SERVFAIL, timeout, no usable host yet).  Also the pure route matcher
-:func:`route_for` for ``delivery.routes`` (next hops that bypass MX lookup).
+Role: resolve a recipient domain's MX hosts (RFC 5321 §5.1) through
+:class:`relay.delivery.dnsquery.DnsClient`, order them, cap them, and resolve each
+host's A and AAAA addresses; classify every outcome where it is seen: OK, PERMANENT
+(NXDOMAIN, null MX) or TRANSIENT (SERVFAIL, timeout, no usable host yet).  With DNSSEC
+on, say which answers were validated (the MX RRset, each host's addresses), look up a
+host's TLSA RRset for DANE (RFC 7672 §2.2) and probe that the resolver validates at
+all (:meth:`MxResolver.probe_dnssec`, Postfix's ``dnssec_probe``).  Also the pure
+route matcher :func:`route_for` for ``delivery.routes`` (next hops that bypass MX lookup).
 
-Not: TLS, policy, MTA-STS or DANE; connecting to the hosts; retries (the scheduler
-decides when to ask again); caching beyond one call.
+Not: TLS or policy verdicts (relay.tlspolicy); connecting to the hosts; retries (the
+scheduler decides when to ask again); caching beyond one call.
 """
 
 from __future__ import annotations
@@ -17,18 +20,17 @@ import enum
 import ipaddress
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.rcode
-import dns.rdatatype
+import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.ANY.TXT
-import dns.resolver
 
 from relay.config import ResolverConfig, Route
+from relay.delivery.dnsquery import DnsClient, Lookup, Reply
 from relay.domains import Domain, dns_name
+from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 
 
 class MxStatus(enum.Enum):
@@ -42,6 +44,7 @@ class MxHost:
     name: Domain  # lower-case, no trailing dot (relay.domains.dns_name)
     preference: int
     addresses: tuple[str, ...]  # IPv4 then IPv6 literals
+    secure: bool = False  # its A/AAAA answers were DNSSEC-validated (RFC 7672 §2.2.2)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class MxResult:
     hosts: tuple[MxHost, ...]  # in the order to try; empty unless status is OK
     reason: str  # one sentence; for OK, notes on skipped or capped hosts (may be "")
     implicit: bool = False  # no MX RRset: the domain itself is the MX (RFC 5321 §5.1)
+    secure: bool = False  # the MX RRset (or its denial) was DNSSEC-validated
 
 
 def _ip_literal(name: str) -> str | None:
@@ -82,28 +86,22 @@ def route_for(routes: Sequence[Route], domain: Domain) -> Route | None:
     return best
 
 
-class _Lookup(enum.Enum):
-    """How one A/AAAA/MX query ended, before classification."""
-
-    ANSWER = "answer"
-    NODATA = "nodata"  # name exists, no records of the type
-    NXDOMAIN = "nxdomain"
-    TRANSIENT = "transient"
-
-
 @dataclass(frozen=True)
 class _HostAddrs:
     addresses: tuple[str, ...]
-    outcome: _Lookup  # ANSWER if any address; else the most hopeful failure
+    outcome: Lookup  # ANSWER if any address; else the most hopeful failure
     detail: str
+    secure: bool = False  # every A/AAAA reply was validated
 
 
 class MxResolver:
-    """Resolve MX hosts and addresses through one dnspython async resolver.
+    """Resolve MX hosts and addresses through one resolver (:class:`DnsClient`).
 
     ``cfg`` names the nameservers (``delivery.resolver``); None means the system
     resolver (/etc/resolv.conf).  ``rng`` orders equal-preference MX hosts; tests
-    pass a seeded ``random.Random``.
+    pass a seeded ``random.Random``.  ``dnssec``: ask for validation (DO and AD bits);
+    the answers' AD bits count only once :meth:`probe_dnssec` found the resolver on
+    loopback and validating (``validated``).
     """
 
     def __init__(
@@ -111,27 +109,66 @@ class MxResolver:
         cfg: ResolverConfig | None,
         max_hosts: int = 5,
         rng: random.Random | None = None,
+        dnssec: bool = False,
     ) -> None:
         if max_hosts < 1:
             raise ValueError(f"max_hosts must be at least 1 (got {max_hosts})")
         self.max_hosts = max_hosts
         self._rng = rng if rng is not None else random.SystemRandom()
-        self._setup_error: str | None = None
-        if cfg is None:
-            try:
-                self._resolver = dns.asyncresolver.Resolver()
-            except dns.exception.DNSException as exc:
-                # No usable /etc/resolv.conf: every lookup is transient until it is fixed.
-                self._resolver = dns.asyncresolver.Resolver(configure=False)
-                self._setup_error = f"system resolver unusable: {exc}"
-        else:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = list(cfg.nameservers)
-            self._resolver.port = cfg.port
-            self._resolver.lifetime = cfg.timeout
-            # Per-try timeout below the lifetime, so a lost UDP datagram is retried.
-            self._resolver.timeout = min(2.0, cfg.timeout)
-        self._resolver.cache = None  # the scheduler asks again on each attempt; no stale data
+        self._dns = DnsClient(cfg, dnssec)
+        self._setup_error = self._dns.setup_error
+        self.validated = False  # set by probe_dnssec: AD bits are believed
+
+    # ---- DNSSEC ------------------------------------------------------------------------------
+
+    async def probe_dnssec(self) -> str | None:
+        """Check that the resolver validates, as Postfix's ``dnssec_probe``: it must be
+        on loopback, and the root's NS RRset must come back with AD set (RFC 4035
+        §3.2.3).  Sets ``validated``; returns None when it does, else why not."""
+        self.validated = False
+        servers = ", ".join(self._dns.nameservers) or "(none)"
+        if not self._dns.dnssec:
+            return "DNSSEC was not asked of the resolver"
+        if not self._dns.on_loopback():
+            return (
+                f"the resolver ({servers}) is not on loopback: its AD bit could be forged on "
+                "the way, so DNSSEC answers cannot be trusted (run a validating resolver such "
+                "as unbound on 127.0.0.1)"
+            )
+        reply = await self._dns.query(".", "NS")
+        if reply.outcome is not Lookup.ANSWER:
+            return f"the DNSSEC probe ('. NS' at {servers}) failed: {reply.detail}"
+        if not reply.secure:
+            return (
+                f"the resolver ({servers}) does not validate DNSSEC: the probe '. NS' came "
+                "back without the AD bit"
+            )
+        self.validated = True
+        return None
+
+    def _secure(self, reply: Reply) -> bool:
+        return self.validated and reply.secure
+
+    async def tlsa(self, host: str, port: int) -> TlsaSet:
+        """The TLSA RRset at ``_PORT._tcp.HOST`` (RFC 7672 §2.2.3: the MX host name,
+        port 25 unless a lab connects elsewhere), classified for DANE."""
+        name = f"_{port}._tcp.{dns_name(host)}"
+        if not self.validated:
+            return TlsaSet(name, TlsaStatus.INSECURE, detail="resolver not validating")
+        reply = await self._dns.query(name, "TLSA")
+        if reply.outcome is Lookup.TRANSIENT:
+            # RFC 7672 §2.2: a failed (or bogus) TLSA lookup for a secure host: defer.
+            return TlsaSet(name, TlsaStatus.FAILED, detail=f"TLSA lookup failed: {reply.detail}")
+        if not reply.secure:
+            return TlsaSet(name, TlsaStatus.INSECURE, detail="answer not DNSSEC-validated")
+        if reply.answer is None:
+            return TlsaSet(name, TlsaStatus.ABSENT, detail="no TLSA records (validated)")
+        records = tuple(
+            Tlsa(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
+            for rd in reply.answer
+            if isinstance(rd, dns.rdtypes.ANY.TLSA.TLSA)
+        )
+        return TlsaSet(name, TlsaStatus.SECURE, records)
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -149,18 +186,20 @@ class MxResolver:
             return MxResult(MxStatus.PERMANENT, (), f"{domain!r} is not a valid domain name: {exc}")
         if self._setup_error:
             return MxResult(MxStatus.TRANSIENT, (), self._setup_error)
-        answer, outcome, detail = await self._query(name, "MX")
-        if outcome is _Lookup.NXDOMAIN:
+        reply = await self._dns.query(name, "MX")
+        if reply.outcome is Lookup.NXDOMAIN:
             # RFC 5321 §5.1: a non-existent domain MUST be reported as an error.
             return MxResult(MxStatus.PERMANENT, (), f"domain {name} does not exist (NXDOMAIN)")
-        if outcome is _Lookup.TRANSIENT:
+        if reply.outcome is Lookup.TRANSIENT:
             # RFC 5321 §5.1: a temporary error means queue and retry later.
-            return MxResult(MxStatus.TRANSIENT, (), f"MX lookup for {name} failed: {detail}")
-        if outcome is _Lookup.NODATA:
-            return await self._implicit_mx(name)
-        assert answer is not None
-        records = [(int(rd.preference), dns_name(rd.exchange.to_text())) for rd in answer]
-        return await self._explicit_mx(name, records)
+            return MxResult(MxStatus.TRANSIENT, (), f"MX lookup for {name} failed: {reply.detail}")
+        if reply.outcome is Lookup.NODATA:
+            result = await self._implicit_mx(name)
+        else:
+            assert reply.answer is not None
+            records = [(int(rd.preference), dns_name(rd.exchange.to_text())) for rd in reply.answer]
+            result = await self._explicit_mx(name, records)
+        return replace(result, secure=self._secure(reply))
 
     async def addresses(self, host: str) -> tuple[str, ...]:
         """A then AAAA addresses of *host* (also for routes' next hops); an IP literal is
@@ -177,14 +216,14 @@ class MxResolver:
         empty when there are none (NXDOMAIN or no TXT), None when the lookup failed."""
         if self._setup_error:
             return None
-        answer, outcome, _ = await self._query(name, "TXT")
-        if outcome is _Lookup.TRANSIENT:
+        reply = await self._dns.query(name, "TXT")
+        if reply.outcome is Lookup.TRANSIENT:
             return None
-        if answer is None:
+        if reply.answer is None:
             return ()
         return tuple(
             b"".join(rd.strings).decode("utf-8", "replace")
-            for rd in answer
+            for rd in reply.answer
             if isinstance(rd, dns.rdtypes.ANY.TXT.TXT)
         )
 
@@ -194,11 +233,11 @@ class MxResolver:
         # RFC 5321 §5.1: an empty MX list means an implicit MX of preference 0: the domain.
         found = await self._host_addresses(name)
         if found.addresses:
-            host = MxHost(name, 0, found.addresses)
+            host = MxHost(name, 0, found.addresses, found.secure)
             return MxResult(
                 MxStatus.OK, (host,), f"no MX records: implicit MX {name} (RFC 5321 §5.1)", True
             )
-        if found.outcome is _Lookup.TRANSIENT:
+        if found.outcome is Lookup.TRANSIENT:
             return MxResult(
                 MxStatus.TRANSIENT,
                 (),
@@ -242,9 +281,9 @@ class MxResolver:
         transient = False
         for (preference, exchange), addrs in zip(usable, found, strict=True):
             if addrs.addresses:
-                hosts.append(MxHost(exchange, preference, addrs.addresses))
+                hosts.append(MxHost(exchange, preference, addrs.addresses, addrs.secure))
                 continue
-            transient = transient or addrs.outcome is _Lookup.TRANSIENT
+            transient = transient or addrs.outcome is Lookup.TRANSIENT
             notes.append(f"skipped MX {exchange}: {addrs.detail}")
         if hosts:
             return MxResult(MxStatus.OK, tuple(hosts), "; ".join(notes))
@@ -276,49 +315,18 @@ class MxResolver:
 
     async def _host_addresses(self, host: str) -> _HostAddrs:
         """A and AAAA of *host*, queried concurrently."""
-        (a, a_out, a_detail), (aaaa, aaaa_out, aaaa_detail) = await asyncio.gather(
-            self._query(host, "A"), self._query(host, "AAAA")
+        a, aaaa = await asyncio.gather(self._dns.query(host, "A"), self._dns.query(host, "AAAA"))
+        addrs = tuple(rd.to_text() for rd in a.answer or ()) + tuple(
+            rd.to_text() for rd in aaaa.answer or ()
         )
-        addrs = tuple(rd.to_text() for rd in a or ()) + tuple(rd.to_text() for rd in aaaa or ())
         if addrs:
-            return _HostAddrs(addrs, _Lookup.ANSWER, "")
-        if _Lookup.TRANSIENT in (a_out, aaaa_out):
-            detail = a_detail if a_out is _Lookup.TRANSIENT else aaaa_detail
-            return _HostAddrs((), _Lookup.TRANSIENT, f"address lookup failed: {detail}")
-        if _Lookup.NXDOMAIN in (a_out, aaaa_out):
+            # Secure only if neither reply could have been tampered with (RFC 7672 §2.2.2).
+            secure = self._secure(a) and self._secure(aaaa)
+            return _HostAddrs(addrs, Lookup.ANSWER, "", secure)
+        if Lookup.TRANSIENT in (a.outcome, aaaa.outcome):
+            detail = a.detail if a.outcome is Lookup.TRANSIENT else aaaa.detail
+            return _HostAddrs((), Lookup.TRANSIENT, f"address lookup failed: {detail}")
+        if Lookup.NXDOMAIN in (a.outcome, aaaa.outcome):
             # Includes a CNAME pointing nowhere: the chain ends in NXDOMAIN (RFC 5321 §5.1).
-            return _HostAddrs((), _Lookup.NXDOMAIN, "no such host (NXDOMAIN)")
-        return _HostAddrs((), _Lookup.NODATA, "host has no A or AAAA records")
-
-    async def _query(
-        self, name: str, rdtype: str
-    ) -> tuple[dns.resolver.Answer | None, _Lookup, str]:
-        """One query, its outcome classified; never raises for DNS failures."""
-        try:
-            qname = dns.name.from_text(name + ".")
-            answer = await self._resolver.resolve(
-                qname, dns.rdatatype.from_text(rdtype), search=False
-            )
-        except dns.resolver.NXDOMAIN:
-            return None, _Lookup.NXDOMAIN, "NXDOMAIN"
-        except dns.resolver.NoAnswer:
-            return None, _Lookup.NODATA, f"no {rdtype} records"
-        except dns.resolver.LifetimeTimeout:
-            return None, _Lookup.TRANSIENT, f"{rdtype} query timed out"
-        except dns.resolver.NoNameservers as exc:
-            # SERVFAIL, REFUSED, or no nameserver left to ask.
-            return None, _Lookup.TRANSIENT, f"{rdtype} query: {_servfail_detail(exc)}"
-        except (dns.exception.DNSException, OSError) as exc:
-            return None, _Lookup.TRANSIENT, f"{rdtype} query failed: {exc}"
-        return answer, _Lookup.ANSWER, ""
-
-
-def _servfail_detail(exc: dns.resolver.NoNameservers) -> str:
-    """A short reason from a NoNameservers error: 'SERVFAIL' etc. from the last server."""
-    errors = exc.kwargs.get("errors") or []
-    for *_, error, response in reversed(errors):
-        if response is not None:
-            return f"nameserver answered {dns.rcode.to_text(response.rcode())}"
-        if error is not None:
-            return f"nameserver failed: {error}"
-    return "no nameservers available"
+            return _HostAddrs((), Lookup.NXDOMAIN, "no such host (NXDOMAIN)")
+        return _HostAddrs((), Lookup.NODATA, "host has no A or AAAA records")

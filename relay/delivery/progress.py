@@ -2,7 +2,7 @@
 
 Role: :class:`Progress` holds one ``Deliverer.deliver`` call's recipients, their
 outcomes so far, the reasons seen, where the attempt is (for the deadline's log
-line) and the domain's MTA-STS state; :func:`log_attempt` writes the one
+line) and the domain's MTA-STS and DANE (TLSA) state; :func:`log_attempt` writes the one
 ``delivery`` line per attempt - queue id, recipients, MX host and address, TLS
 version and cipher, certificate fingerprint, level required and met, the policy
 source, the outcome and, on failure, the RFC 8460 result type.
@@ -19,6 +19,7 @@ from relay.delivery.outcome import Outcome, Status
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.transaction import TxResult
 from relay.log import event
+from relay.tlspolicy.dane import TlsaSet
 from relay.tlspolicy.ststore import StsState
 from relay.tlspolicy.verdict import Observed, Requirement, Verdict
 
@@ -42,6 +43,8 @@ class Progress:
         self.trace = Trace()
         self.target: Target | None = None  # the address being tried, for the deadline's log
         self.sts: StsState | None = None  # the domain's MTA-STS state, when it applies
+        self.tlsa: dict[str, TlsaSet] = {}  # MX host -> its TLSA lookup, when DANE is on
+        self.mx_secure = False  # the MX RRset was DNSSEC-validated
 
     def pending(self) -> list[int]:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]

@@ -14,6 +14,8 @@ server-side contexts (relay.intake.tlscontext).
 
 from __future__ import annotations
 
+import _ssl
+import datetime
 import hashlib
 import ssl
 from pathlib import Path
@@ -29,8 +31,9 @@ ContextKey = tuple[bool, ssl.TLSVersion]
 
 def context_key(req: Requirement) -> ContextKey:
     """(chain verified?, protocol floor): all that distinguishes two client contexts.
-    DANE levels verify nothing through CAs here; policy.decide fails them closed."""
-    verify = TlsLevel.VERIFY <= req.level <= TlsLevel.SECURE
+    Under DANE only a `verify`/`secure` floor asks the CA store; the TLSA match is
+    made by policy.decide on the chain the peer sent."""
+    verify = TlsLevel.VERIFY <= req.webpki_level <= TlsLevel.SECURE
     return verify, req.min_version
 
 
@@ -104,10 +107,27 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def peer_chain(sslobj: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes, ...]:
+    """The certificates the peer sent, DER, leaf first (unverified: DANE-TA judges
+    them).  Python 3.13 has it public; before, the _ssl object has it (see
+    relay.internals)."""
+    public = getattr(sslobj, "get_unverified_chain", None)
+    if public is not None:
+        return tuple(public() or ())
+    inner = getattr(sslobj, "_sslobj", None)
+    if inner is None:
+        return ()
+    certs = inner.get_unverified_chain() or ()
+    return tuple(c.public_bytes(_ssl.ENCODING_DER) for c in certs)
+
+
 def observe(sslobj: ssl.SSLObject | ssl.SSLSocket, verified: bool, implicit_tls: bool) -> Observed:
     """The facts of a completed handshake, for policy.decide."""
     der = sslobj.getpeercert(binary_form=True)
     cipher = sslobj.cipher()
+    chain = peer_chain(sslobj)
+    if der and (not chain or chain[0] != der):
+        chain = (der, *chain)
     return Observed(
         starttls_offered=not implicit_tls,
         starttls_code=None if implicit_tls else 220,
@@ -117,6 +137,8 @@ def observe(sslobj: ssl.SSLObject | ssl.SSLSocket, verified: bool, implicit_tls:
         cert_names=cert_names(der) if der else (),
         cert_fingerprint=fingerprint(der) if der else None,
         implicit_tls=implicit_tls,
+        peer_chain=chain,
+        at=datetime.datetime.now(datetime.UTC),
     )
 
 

@@ -1,25 +1,33 @@
-"""DANE for SMTP (RFC 7672): which TLSA records are usable, and whether a certificate
-matches them (pure).
+"""DANE for SMTP (RFC 7672): which TLSA records are usable, and whether a peer's
+certificate chain matches them (pure).
 
-Role: :func:`usable` keeps the records SMTP may use - DANE-TA(2) and DANE-EE(3),
-selector Cert(0) or SPKI(1), matching Full(0), SHA2-256(1) or SHA2-512(2); PKIX-TA(0)
-and PKIX-EE(1) are unusable for SMTP (RFC 7672 3.1.3) - and :func:`ee_matches` decides
-DANE-EE: the peer's own certificate (or its public key) against the records, ignoring
-names and expiry as RFC 7672 3.1.1 says.  DANE-TA needs the peer's chain
-(:func:`ta_matches` takes it when the caller can provide it).
+Role: :class:`TlsaSet` is what a TLSA lookup found (secure, absent, insecure, failed);
+:func:`usable` keeps the records SMTP may use - DANE-TA(2) and DANE-EE(3), selector
+Cert(0) or SPKI(1), matching Full(0), SHA2-256(1) or SHA2-512(2); PKIX-TA(0) and
+PKIX-EE(1) are unusable for SMTP (RFC 7672 3.1.3).  :func:`authenticate` decides a
+handshake: DANE-EE(3) matches the peer's own certificate or key, ignoring names and
+dates (RFC 7672 3.1.1); DANE-TA(2) matches a certificate the peer sent above its own,
+and the chain from the leaf to it must verify, with a name that is the MX host (or the
+recipient domain, when the MX RRset was secure) and with valid dates (RFC 7672 3.1.2,
+3.2.2).  Chains are checked with ``cryptography.x509.verification``, the TA as the
+only anchor.
 Not: DNS or DNSSEC (whether a TLSA RRset is secure is the resolver's word), sockets,
-or the verdict that combines DANE with the configured floor.
+clocks (the caller passes the handshake time), or the verdict that combines DANE with
+the configured floor (relay.tlspolicy.verdict).
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification
 
 
 class Usage(enum.IntEnum):
@@ -46,6 +54,30 @@ class Tlsa:
     selector: int
     matching: int
     data: bytes  # the certificate association data
+
+    def __str__(self) -> str:  # presentation form, as in a zone file (RFC 6698 2.2)
+        return f"{self.usage} {self.selector} {self.matching} {self.data.hex()}"
+
+
+class TlsaStatus(enum.Enum):
+    SECURE = "secure"  # a DNSSEC-validated TLSA RRset (its records may all be unusable)
+    ABSENT = "absent"  # validated denial: no TLSA here, DANE does not apply
+    INSECURE = "insecure"  # not validated (unsigned zone): DANE does not apply
+    FAILED = "failed"  # SERVFAIL, bogus or timeout for a secure host: defer the host
+
+
+@dataclass(frozen=True)
+class TlsaSet:
+    """What the TLSA lookup at ``_PORT._tcp.HOST`` found (RFC 7672 2.2.3)."""
+
+    name: str  # the TLSA owner name queried
+    status: TlsaStatus
+    records: tuple[Tlsa, ...] = ()  # every record of a SECURE RRset, usable or not
+    detail: str = ""
+
+    @property
+    def usable(self) -> tuple[Tlsa, ...]:
+        return tuple(usable(self.records)) if self.status is TlsaStatus.SECURE else ()
 
 
 def usable(records: Iterable[Tlsa]) -> list[Tlsa]:
@@ -84,18 +116,124 @@ def matches(record: Tlsa, cert_der: bytes) -> bool:
         return False
 
 
-def ee_matches(records: Iterable[Tlsa], leaf_der: bytes) -> bool:
-    """DANE-EE(3): the server's own certificate matches one record; names and dates are
-    not checked (RFC 7672 3.1.1: the TLSA record is the authority)."""
-    return any(r.usage == Usage.DANE_EE and matches(r, leaf_der) for r in usable(records))
+# ---- authenticating a peer -------------------------------------------------------------------
+
+TLSA_INVALID = "tlsa-invalid"  # RFC 8460 4.3 result types for DANE failures
+CERTIFICATE_EXPIRED = "certificate-expired"
+CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
+CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
 
 
-def ta_matches(records: Iterable[Tlsa], chain_der: Sequence[bytes]) -> bool:
-    """DANE-TA(2): some certificate the server sent above its own matches one record
-    (RFC 7672 3.1.2).  The caller still checks the chain up to that certificate, the
-    name (MX host or the recipient domain) and the validity dates."""
-    issuers = list(chain_der[1:])
-    return any(
-        r.usage == Usage.DANE_TA and any(matches(r, der) for der in issuers)
-        for r in usable(records)
+@dataclass(frozen=True)
+class DaneCheck:
+    ok: bool
+    reason: str  # what matched, or why nothing did
+    result_type: str | None = None  # RFC 8460 type when not ok
+
+
+def _load(der: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def _chain_to(
+    anchor: x509.Certificate,
+    leaf: x509.Certificate,
+    sent: Sequence[x509.Certificate],
+    name: str,
+    at: datetime.datetime,
+) -> str | None:
+    """Verify *leaf* up to *anchor* (the only trust anchor) for *name* at *at*; None
+    when it does, else the library's reason.  Extensions of the leaf are not judged
+    by the Web PKI rules (a private CA's leaf need not follow the CA/B Forum's
+    profile); CA certificates still must be CAs."""
+    ee_policy = verification.ExtensionPolicy.permit_all().require_present(
+        x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
+    )
+    try:
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store([anchor]))
+            .time(at)
+            .extension_policies(
+                ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+            )
+            .build_server_verifier(x509.DNSName(name))
+        )
+        verifier.verify(leaf, list(sent))
+    except (verification.VerificationError, ValueError) as exc:
+        return str(exc).partition(" (encountered")[0]
+    return None
+
+
+def _dates_problem(cert: x509.Certificate, at: datetime.datetime) -> str | None:
+    if at > cert.not_valid_after_utc:
+        return f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if at < cert.not_valid_before_utc:
+        return f"certificate not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def _ta_check(
+    records: Sequence[Tlsa], chain: Sequence[bytes], names: Sequence[str], at: datetime.datetime
+) -> DaneCheck | None:
+    """DANE-TA(2): None when no record matches a certificate above the leaf."""
+    anchors = [der for der in chain[1:] if any(matches(r, der) for r in records)]
+    leaf = _load(chain[0])
+    if not anchors or leaf is None:
+        return None
+    anchor = _load(anchors[0])
+    sent = [c for c in (_load(der) for der in chain[1:]) if c is not None]
+    if anchor is None:
+        return None
+    dates = _dates_problem(leaf, at)
+    if dates is not None:
+        return DaneCheck(False, f"DANE-TA: {dates}", CERTIFICATE_EXPIRED)
+    problems = []
+    for name in names:
+        problem = _chain_to(anchor, leaf, sent, name, at)
+        if problem is None:
+            return DaneCheck(True, f"DANE-TA: chain to the TLSA trust anchor, name {name}")
+        problems.append(problem)
+    if all("subjectAltName" in p for p in problems):
+        wanted = " or ".join(names)
+        return DaneCheck(
+            False,
+            f"DANE-TA: the certificate is not valid for {wanted} (RFC 7672 3.2.2)",
+            CERTIFICATE_HOST_MISMATCH,
+        )
+    return DaneCheck(
+        False,
+        f"DANE-TA: chain does not verify to the TLSA trust anchor: {problems[0]}",
+        CERTIFICATE_NOT_TRUSTED,
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def authenticate(
+    records: tuple[Tlsa, ...],
+    chain: tuple[bytes, ...],
+    names: tuple[str, ...],
+    at: datetime.datetime,
+) -> DaneCheck:
+    """Does the peer (*chain*: its certificates as sent, leaf first) match the usable
+    *records*?  *names*: reference identifiers for DANE-TA; *at*: the handshake time.
+    Cached: a pooled session is judged again for each message with the same inputs."""
+    good = usable(records)
+    if not good:
+        return DaneCheck(False, "no usable TLSA record (DANE-TA or DANE-EE)", TLSA_INVALID)
+    if not chain:
+        return DaneCheck(False, "the MX sent no certificate", TLSA_INVALID)
+    ee = [r for r in good if r.usage == Usage.DANE_EE]
+    if any(matches(r, chain[0]) for r in ee):
+        return DaneCheck(True, "DANE-EE: the certificate matches a TLSA record")
+    ta = _ta_check([r for r in good if r.usage == Usage.DANE_TA], chain, names, at)
+    if ta is not None:
+        return ta
+    return DaneCheck(
+        False,
+        f"the certificate chain matches none of the {len(good)} usable TLSA record(s)",
+        TLSA_INVALID,
     )

@@ -8,13 +8,18 @@ that MX (:func:`decide` → :class:`Verdict`).  Certificate name matching per RF
 Not: sockets, TLS handshakes, DNS, clocks or logging.  The delivery module performs the
 handshake and reports facts; this module only judges them.  A failed verdict is always a
 reason to defer and try the next MX, never to bounce, never to fall back to plaintext.
-An MTA-STS policy in mode enforce raises the requirement to `verify` for the MX host
-name (:func:`requirement`); DANE is not implemented yet: a DANE level fails closed.
+Precedence (SPEC.md, RFC 8461 §2, RFC 7672): a secure TLSA RRset for the MX host makes
+DANE the source for that host - usable records must match the peer, none usable means
+TLS without authentication - and MTA-STS is not consulted for it; otherwise an MTA-STS
+policy in mode enforce raises the requirement to `verify` for the MX host name.  The
+configured level stays a floor under both: DANE adds its check to a `verify` or
+`secure` floor, it never replaces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import re
 import ssl
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from relay.config import PolicyConfig, TlsLevel
 from relay.domains import Domain, dns_name, normalize_domain
 from relay.errors import InvalidDomain
+from relay.tlspolicy.dane import TlsaSet, TlsaStatus, authenticate
 from relay.tlspolicy.mtasts import Mode, StsPolicy
 
 
@@ -45,6 +51,19 @@ class Requirement:
     # MTA-STS enforce (RFC 8461 4.2): the certificate must also be valid for the MX host
     # name, even where `secure` is satisfied by another name (a `match` entry).
     mx_name_required: bool = False
+    # The configured level, when DANE raised `level` above it (None: same as level).
+    floor: TlsLevel | None = None
+    tlsa: TlsaSet | None = None  # the secure TLSA RRset of this MX host, when DANE applies
+    dane_names: tuple[str, ...] = ()  # DANE-TA reference identifiers (RFC 7672 3.2.2)
+
+    @property
+    def webpki_level(self) -> TlsLevel:
+        """What the CA store and names must prove: the level itself, or under DANE
+        the configured floor (`verify`/`secure` stay required beside the TLSA match)."""
+        if self.level <= TlsLevel.SECURE:
+            return self.level
+        floor = self.floor if self.floor is not None else self.level
+        return floor if floor <= TlsLevel.SECURE else TlsLevel.ENCRYPT
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,8 @@ class Observed:
     cert_names: tuple[str, ...] = ()  # dNSName SANs of the peer cert (CN only if no SAN)
     cert_fingerprint: str | None = None  # sha256 hex
     implicit_tls: bool = False
+    peer_chain: tuple[bytes, ...] = ()  # DER as sent by the peer, leaf first (for DANE)
+    at: datetime.datetime | None = None  # when the handshake completed (UTC)
 
 
 @dataclass(frozen=True)
@@ -75,14 +96,21 @@ class Verdict:
 
 
 def requirement(
-    policy: PolicyConfig, domain: Domain, mx_host: str, sts: StsPolicy | None = None
+    policy: PolicyConfig,
+    domain: Domain,
+    mx_host: str,
+    sts: StsPolicy | None = None,
+    tlsa: TlsaSet | None = None,
+    mx_secure: bool = False,
 ) -> Requirement:
     """What delivery of mail for *domain* through *mx_host* requires.  The configured
-    level is the floor; an MTA-STS policy in mode enforce (*sts*) may only raise it, to
-    a WebPKI-valid certificate for the MX host name (RFC 8461 4.2) - ``verify``.
-    Whether the MX host is allowed at all is the caller's question (mx_allowed).
-    *domain* and the policy's keys and ``match`` entries are all in the one normal form
-    (relay.domains)."""
+    level is the floor.  A secure TLSA RRset (*tlsa*) makes DANE the source (RFC 7672;
+    MTA-STS is then not consulted, RFC 8461 §2); otherwise an MTA-STS policy in mode
+    enforce (*sts*) raises the level to a WebPKI-valid certificate for the MX host name
+    (RFC 8461 4.2) - ``verify``.  *mx_secure*: the MX RRset was validated, so the
+    recipient domain is a DANE-TA name too (RFC 7672 3.2.2).  Whether the MX host is
+    allowed at all is the caller's question (mx_allowed).  *domain* and the policy's
+    keys and ``match`` entries are all in the one normal form (relay.domains)."""
     configured, source = policy.for_domain(domain)
     names = (domain, *configured.match)
     req = Requirement(
@@ -92,6 +120,8 @@ def requirement(
         secure_names=tuple(dict.fromkeys(names)),
         source=source,
     )
+    if tlsa is not None and tlsa.status is TlsaStatus.SECURE:
+        return _dane_requirement(req, domain, tlsa, mx_secure)
     if sts is None or sts.mode is not Mode.ENFORCE:
         return req
     return dataclasses.replace(
@@ -102,6 +132,32 @@ def requirement(
         else f"{source} and MTA-STS policy of {domain} (enforce)",
         policy_source=PolicySource.MTA_STS,
         mx_name_required=True,
+    )
+
+
+def _dane_requirement(
+    req: Requirement, domain: Domain, tlsa: TlsaSet, mx_secure: bool
+) -> Requirement:
+    dane_names = (req.mx_host, domain) if mx_secure and domain != req.mx_host else (req.mx_host,)
+    floor_text = "" if req.level == TlsLevel.ENCRYPT else f"{req.source} and "
+    if tlsa.usable:
+        return dataclasses.replace(
+            req,
+            level=max(req.level, TlsLevel.DANE),
+            floor=req.level,
+            source=f"{floor_text}DANE TLSA at {tlsa.name}",
+            policy_source=PolicySource.DANE,
+            tlsa=tlsa,
+            dane_names=dane_names,
+        )
+    # RFC 7672 3.1.3: only unusable records - TLS is mandatory, not authenticated; the
+    # floor (never below encrypt) already says that.  dane-only still wants a match.
+    return dataclasses.replace(
+        req,
+        source=f"{floor_text}DANE TLSA at {tlsa.name} (no usable record: TLS required)",
+        policy_source=PolicySource.DANE,
+        tlsa=tlsa,
+        dane_names=dane_names,
     )
 
 
@@ -205,6 +261,8 @@ CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
 CERTIFICATE_EXPIRED = "certificate-expired"
 CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
 VALIDATION_FAILURE = "validation-failure"
+TLSA_INVALID = "tlsa-invalid"
+DANE_REQUIRED = "dane-required"
 
 
 def _handshake_result_type(error: str) -> str:
@@ -242,18 +300,26 @@ def _session_problem(req: Requirement, obs: Observed) -> tuple[str, str] | None:
     return None
 
 
-def decide(req: Requirement, obs: Observed) -> Verdict:
-    """Deliver over this session or not, with a one-sentence reason."""
-    if req.level >= TlsLevel.DANE:
-        # Fail closed: a level we cannot check is never treated as a weaker one.
+def precheck(req: Requirement) -> Verdict | None:
+    """A verdict that needs no connection: `dane-only` without a usable TLSA RRset can
+    never be met (RFC 8460 ``dane-required``), so no connection is made at all."""
+    if req.level >= TlsLevel.DANE and (req.tlsa is None or not req.tlsa.usable):
+        if req.tlsa is None:
+            found = "not looked up: DANE is off or the host's addresses are not secure"
+        elif req.tlsa.status is TlsaStatus.SECURE:
+            found = f"{len(req.tlsa.records)} record(s), none usable (DANE-TA or DANE-EE)"
+        else:
+            found = req.tlsa.detail or req.tlsa.status.value
         return _fail(
-            "DANE is not implemented in this version "
-            f"(level {req.level.label} required by {req.source}); refusing to deliver",
-            "dane-required",
+            f"level {req.level.label} required ({req.source}) but {req.mx_host} has no usable "
+            f"DNSSEC-validated TLSA RRset ({found})",
+            DANE_REQUIRED,
         )
-    session_problem = _session_problem(req, obs)
-    if session_problem is not None:
-        return _fail(*session_problem)
+    return None
+
+
+def _webpki(req: Requirement, obs: Observed, level: TlsLevel) -> Verdict:
+    """The CA-store and name part of the verdict, for *level* (encrypt..secure)."""
     # Like Postfix: `verify` checks the MX host name; `secure` checks the recipient
     # domain / match list *instead*, so a spoofed MX name cannot satisfy it.
     names = _names_text(obs.cert_names)
@@ -275,10 +341,36 @@ def decide(req: Requirement, obs: Observed) -> Verdict:
         return _fail(
             f"{req.source} requires the MX host name, but {why}", CERTIFICATE_HOST_MISMATCH, met
         )
-    if met < req.level:
-        problem = verify_problem if req.level == TlsLevel.VERIFY else secure_problem
+    if met < level:
+        problem = verify_problem if level == TlsLevel.VERIFY else secure_problem
         kind = CERTIFICATE_NOT_TRUSTED if not obs.chain_verified else CERTIFICATE_HOST_MISMATCH
-        return _fail(f"level {req.level.label} required ({req.source}) but {problem}", kind, met)
-    return Verdict(
-        True, met, f"{obs.tls_version} session meets level {req.level.label} (met {met.label})"
-    )
+        return _fail(f"level {level.label} required ({req.source}) but {problem}", kind, met)
+    return Verdict(True, met, f"{obs.tls_version} session meets level {level.label}")
+
+
+def decide(req: Requirement, obs: Observed) -> Verdict:
+    """Deliver over this session or not, with a one-sentence reason."""
+    refused = precheck(req)
+    if refused is not None:
+        return refused
+    session_problem = _session_problem(req, obs)
+    if session_problem is not None:
+        return _fail(*session_problem)
+    webpki = _webpki(req, obs, req.webpki_level)
+    if req.level < TlsLevel.DANE or req.tlsa is None:  # (precheck refused DANE without)
+        if not webpki.ok:
+            return webpki
+        met = webpki.level_met
+        assert met is not None
+        return Verdict(
+            True, met, f"{obs.tls_version} session meets level {req.level.label} (met {met.label})"
+        )
+    at = obs.at or datetime.datetime.now(datetime.UTC)
+    check = authenticate(req.tlsa.usable, obs.peer_chain, req.dane_names, at)
+    if not check.ok:
+        return _fail(
+            f"{check.reason} ({req.source})", check.result_type or TLSA_INVALID, webpki.level_met
+        )
+    if not webpki.ok:  # the configured floor still applies under DANE
+        return webpki
+    return Verdict(True, TlsLevel.DANE, f"{obs.tls_version} session meets DANE: {check.reason}")

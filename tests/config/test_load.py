@@ -225,7 +225,7 @@ def test_load_policy_standalone(tmp_path: Path) -> None:
         config.load_policy(path)
     assert info.value.problems == [
         f"{path}: default.level: plaintext is never allowed; "
-        "use encrypt, verify or secure (got 'may')"
+        "use encrypt, verify, secure or dane-only (got 'may')"
     ]
 
 
@@ -312,12 +312,11 @@ def test_summary(tmp_path: Path, server_cert: tuple[Path, Path]) -> None:
         "policy: default encrypt (TLSv1.2), 1 domain (inline)",
         "route: p.test via [mx.p.test]:2525 (starttls)",
         "mta-sts: on (policies from port 443, cached under the spool)",
-        "note: DANE is not implemented yet",
         "workers: 1",
     ):
         assert fragment in text
     quiet = load_with(tmp_path, server_cert, policy={"mta_sts": False, "dane": False})
-    assert "not implemented" not in config.summary(quiet)
+    assert "dane: off" in config.summary(quiet)
 
 
 @pytest.mark.parametrize(("raw", "workers"), [(1, 1), (4, 4), ("auto", None)])

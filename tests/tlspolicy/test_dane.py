@@ -3,6 +3,7 @@ certificates made by trustme (RFC 7672)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 
 import pytest
@@ -10,7 +11,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from relay.tlspolicy.dane import Tlsa, ee_matches, matches, ta_matches, usable
+from relay.tlspolicy.dane import Tlsa, authenticate, matches, usable
 
 
 def der(pem: bytes) -> bytes:
@@ -61,22 +62,73 @@ def test_every_selector_and_matching_type(
     assert not matches(Tlsa(3, selector, matching, data[:-1] + b"\x00"), leaf)
 
 
+def sha256_spki(cert_der: bytes) -> bytes:
+    return hashlib.sha256(spki(cert_der)).digest()
+
+
+NOW = datetime.datetime(2026, 12, 2, tzinfo=datetime.UTC)
+MX = ("mx1.example.test",)
+
+
 def test_dane_ee_3_1_1_match_and_mismatch(chain: tuple[bytes, bytes]) -> None:
     leaf, inter = chain
-    good = Tlsa(3, 1, 1, hashlib.sha256(spki(leaf)).digest())
-    other = Tlsa(3, 1, 1, hashlib.sha256(spki(inter)).digest())
-    assert ee_matches([other, good], leaf)
-    assert not ee_matches([other], leaf)
-    assert not ee_matches([Tlsa(1, 1, 1, good.data)], leaf)  # PKIX-EE is never used
+    good = Tlsa(3, 1, 1, sha256_spki(leaf))
+    other = Tlsa(3, 1, 1, sha256_spki(inter))
+    assert authenticate((other, good), (leaf, inter), MX, NOW).ok
+    miss = authenticate((other,), (leaf, inter), MX, NOW)
+    assert (miss.ok, miss.result_type) == (False, "tlsa-invalid")
+    pkix = authenticate((Tlsa(1, 1, 1, good.data),), (leaf,), MX, NOW)
+    assert (pkix.ok, pkix.reason) == (False, "no usable TLSA record (DANE-TA or DANE-EE)")
 
 
-def test_dane_ta_matches_an_issuer_not_the_leaf(chain: tuple[bytes, bytes]) -> None:
+def test_dane_ee_ignores_names_and_dates() -> None:
+    """RFC 7672 3.1.1: with DANE-EE the record is the authority, not the certificate."""
+    old = trustme.CA().issue_cert(
+        "anything.invalid", not_after=datetime.datetime(2001, 1, 1, tzinfo=datetime.UTC)
+    )
+    leaf = der(old.cert_chain_pems[0].bytes())
+    assert authenticate((Tlsa(3, 1, 1, sha256_spki(leaf)),), (leaf,), MX, NOW).ok
+
+
+def test_dane_ta_chain_and_name(chain: tuple[bytes, bytes]) -> None:
     leaf, inter = chain
-    ta = Tlsa(2, 1, 1, hashlib.sha256(spki(inter)).digest())
-    assert ta_matches([ta], [leaf, inter])
-    leaf_as_ta = Tlsa(2, 1, 1, hashlib.sha256(spki(leaf)).digest())
-    assert not ta_matches([leaf_as_ta], [leaf, inter])  # a TA is above the leaf
-    assert not ta_matches([ta], [leaf])  # the server did not send its issuer
+    ta = Tlsa(2, 1, 1, sha256_spki(inter))
+    ok = authenticate((ta,), (leaf, inter), MX, NOW)
+    assert ok.ok and "name mx1.example.test" in ok.reason
+    # The name may also be the recipient domain (passed when the MX RRset is secure).
+    assert authenticate((ta,), (leaf, inter), ("mx9.other.test", "mx1.example.test"), NOW).ok
+    wrong = authenticate((ta,), (leaf, inter), ("mx2.example.test",), NOW)
+    assert (wrong.ok, wrong.result_type) == (False, "certificate-host-mismatch")
+
+
+def test_dane_ta_must_be_above_the_leaf_and_sent(chain: tuple[bytes, bytes]) -> None:
+    leaf, inter = chain
+    leaf_as_ta = Tlsa(2, 1, 1, sha256_spki(leaf))
+    assert authenticate((leaf_as_ta,), (leaf, inter), MX, NOW).result_type == "tlsa-invalid"
+    ta = Tlsa(2, 1, 1, sha256_spki(inter))
+    assert authenticate((ta,), (leaf,), MX, NOW).result_type == "tlsa-invalid"
+
+
+def test_dane_ta_checks_dates() -> None:
+    ca = trustme.CA()
+    inter = ca.create_child_ca()
+    expired = inter.issue_cert(
+        "mx1.example.test",
+        not_before=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC),
+        not_after=datetime.datetime(2021, 1, 1, tzinfo=datetime.UTC),
+    )
+    leaf, issuer = (der(p.bytes()) for p in expired.cert_chain_pems)
+    got = authenticate((Tlsa(2, 0, 1, hashlib.sha256(issuer).digest()),), (leaf, issuer), MX, NOW)
+    assert (got.ok, got.result_type) == (False, "certificate-expired")
+    assert "expired on 2021-01-01" in got.reason
+
+
+def test_dane_ta_rejects_a_leaf_from_another_issuer(chain: tuple[bytes, bytes]) -> None:
+    """The TA is sent along, but the leaf was not issued under it."""
+    _, inter = chain
+    stranger = der(trustme.CA().issue_cert("mx1.example.test").cert_chain_pems[0].bytes())
+    got = authenticate((Tlsa(2, 1, 1, sha256_spki(inter)),), (stranger, inter), MX, NOW)
+    assert (got.ok, got.result_type) == (False, "certificate-not-trusted")
 
 
 def test_garbage_certificate_matches_nothing() -> None:

@@ -262,20 +262,20 @@ CASES: list[tuple[str, Requirement, Observed, bool, TlsLevel | None, str]] = [
         "match none",
     ),
     (
-        "dane fails closed",
+        "dane without a TLSA RRset fails closed",
         req(TlsLevel.DANE),
         GOOD,
         False,
         None,
-        "DANE is not implemented in this version",
+        "has no usable DNSSEC-validated TLSA RRset (not looked up",
     ),
     (
-        "dane-only fails closed",
+        "dane-only without a TLSA RRset fails closed",
         req(TlsLevel.DANE_ONLY),
         GOOD,
         False,
         None,
-        "DANE is not implemented in this version",
+        "but mx1.example.com has no usable DNSSEC-validated TLSA RRset",
     ),
 ]
 
