@@ -76,8 +76,7 @@ class App:
 
     async def start(self) -> None:
         if self.cfg.policy.dane and self.resolver is not None:
-            # Before any delivery: a message sent before the probe would go without DANE.
-            await self._probe_dnssec(log_unchanged=True)
+            # Deliveries wait for its first verdict (MxResolver.ready); listeners do not.
             self._dnssec_watch = asyncio.create_task(self._watch_dnssec())
         # Queue side first: its spool recovery must finish before any listener writes.
         await self.scheduler.start()
@@ -129,6 +128,7 @@ class App:
     async def _watch_dnssec(self) -> None:
         """Probe again now and then: a resolver started after the relay turns DANE on,
         one that stopped validating turns it off (and says so)."""
+        await self._probe_dnssec(log_unchanged=True)
         while True:
             await asyncio.sleep(DNSSEC_REPROBE)
             await self._probe_dnssec()

@@ -139,6 +139,9 @@ class Deliverer:
         data: bytes,
     ) -> None:
         route = route_for(self.cfg.routes, domain)
+        if route is None:
+            progress.trace.stage = "the first DNSSEC probe of the resolver"
+            await self.resolver.ready()
         if route is None and self._sts is not None:
             # MTA-STS names the MX hosts of a domain; a route's next hop is the
             # operator's choice, outside any recipient domain's policy.

@@ -118,6 +118,14 @@ class MxResolver:
         self._dns = DnsClient(cfg, dnssec)
         self._setup_error = self._dns.setup_error
         self.validated = False  # set by probe_dnssec: AD bits are believed
+        self._probed = asyncio.Event()  # the first verdict on DNSSEC is in
+        if not dnssec:
+            self._probed.set()  # nothing to wait for
+
+    async def ready(self) -> None:
+        """Return once the first DNSSEC probe has ended (at once without DNSSEC):
+        a delivery never runs before the relay knows whether DANE is on."""
+        await self._probed.wait()
 
     # ---- DNSSEC ------------------------------------------------------------------------------
 
@@ -125,7 +133,14 @@ class MxResolver:
         """Check that the resolver validates, as Postfix's ``dnssec_probe``: it must be
         on loopback, and the root's NS RRset must come back with AD set (RFC 4035
         §3.2.3).  Sets ``validated``; returns None when it does, else why not."""
-        self.validated = False
+        try:
+            why = await self._probe()
+        finally:
+            self._probed.set()
+        self.validated = why is None
+        return why
+
+    async def _probe(self) -> str | None:
         servers = ", ".join(self._dns.nameservers) or "(none)"
         if not self._dns.dnssec:
             return "DNSSEC was not asked of the resolver"
@@ -143,7 +158,6 @@ class MxResolver:
                 f"the resolver ({servers}) does not validate DNSSEC: the probe '. NS' came "
                 "back without the AD bit"
             )
-        self.validated = True
         return None
 
     def _secure(self, reply: Reply) -> bool:
