@@ -10,8 +10,9 @@ global and per-domain concurrency limits and an overall deadline per call, and l
 line per progress.  Any TLS or policy failure is transient and moves on to the next MX;
 nothing is ever sent in plaintext (see relay.delivery.session).
 
-Not: retry timing, spool state or bounces (relay.queue), MX lookup (relay.delivery.mx), TLS
-verdicts (relay.tlspolicy), SMTP sessions and transactions (relay.delivery.session,
+Not: retry timing, spool state or bounces (relay.queue), MX lookup (relay.delivery.mx),
+which hosts DANE and MTA-STS allow (relay.delivery.hostpolicy), TLS verdicts
+(relay.tlspolicy), SMTP sessions and transactions (relay.delivery.session,
 relay.delivery.transaction), keeping idle sessions (relay.delivery.pool).
 """
 
@@ -25,7 +26,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from relay.config import DeliveryConfig, PolicyConfig, Route
-from relay.delivery.mx import MxHost, MxResolver, MxStatus, route_for
+from relay.delivery.hostpolicy import dane_hosts, sts_hosts
+from relay.delivery.mx import MxResolver, MxStatus, route_for
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
 from relay.delivery.progress import Progress, log_attempt
@@ -42,8 +44,7 @@ from relay.domains import Domain
 from relay.log import event
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts, ContextKey
-from relay.tlspolicy.dane import TlsaStatus
-from relay.tlspolicy.mtasts import Mode, StsPolicy, mx_allowed
+from relay.tlspolicy.mtasts import Mode, StsPolicy
 from relay.tlspolicy.ststore import StsPolicies
 from relay.tlspolicy.verdict import (
     PolicySource,
@@ -54,16 +55,7 @@ from relay.tlspolicy.verdict import (
     requirement,
 )
 
-DANE = PolicySource.DANE
-DNSSEC_INVALID = "dnssec-invalid"  # RFC 8460 4.3.2
-
 log = logging.getLogger("relay.delivery")
-
-
-def _dane_applies(progress: Progress, host: str) -> bool:
-    tlsa = progress.tlsa.get(host)
-    return tlsa is not None and tlsa.status is TlsaStatus.SECURE
-
 
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
@@ -176,8 +168,10 @@ class Deliverer:
             return []
         hosts = list(result.hosts[: self.cfg.max_mx_hosts])
         if self.dane_active:
-            hosts = await self._dane_hosts(progress, hosts, result.secure)
-        hosts = self._sts_hosts(progress, domain, hosts)
+            hosts = await dane_hosts(
+                progress, hosts, result.secure, self.resolver, self.cfg.port, self.metrics
+            )
+        hosts = sts_hosts(progress, domain, hosts)
         targets: list[Target] = []
         for mx in hosts:
             addresses = mx.addresses or await self.resolver.addresses(mx.name)
@@ -195,74 +189,6 @@ class Deliverer:
         """DANE is asked for (policy ``dane: true``) and the resolver's AD bit is
         believed (relay.delivery.mx.MxResolver.probe_dnssec)."""
         return self.policy.dane and self.resolver.validated
-
-    async def _dane_hosts(
-        self, progress: Progress, hosts: list[MxHost], mx_secure: bool
-    ) -> list[MxHost]:
-        """RFC 7672 2.2: the TLSA RRset of each MX host whose addresses are secure,
-        looked up together.  A host whose lookup failed (SERVFAIL, bogus, timeout) is
-        deferred: never tried without the DANE it may publish."""
-        progress.mx_secure = mx_secure
-        secure = [mx for mx in hosts if mx.secure]
-        found = await asyncio.gather(*(self.resolver.tlsa(mx.name, self.cfg.port) for mx in secure))
-        usable: list[MxHost] = []
-        for mx in hosts:
-            tlsa = found[secure.index(mx)] if mx.secure else None
-            if tlsa is not None:
-                progress.tlsa[mx.name] = tlsa
-            if tlsa is None or tlsa.status is not TlsaStatus.FAILED:
-                usable.append(mx)
-                continue
-            reason = f"MX {mx.name} skipped: {tlsa.detail} for {tlsa.name} (RFC 7672 2.2)"
-            progress.reasons.append(reason)
-            target = Target(mx.name, mx.addresses[0] if mx.addresses else "", self.cfg.port)
-            verdict = Verdict(False, None, reason, DNSSEC_INVALID)
-            self.metrics.tls_failures.inc()
-            log_attempt(
-                progress, progress.pending(), Status.TRANSIENT, reason, target, None, None, verdict
-            )
-        return usable
-
-    def _sts_hosts(self, progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[MxHost]:
-        """RFC 8461 4.1: under an MTA-STS policy, MX hosts its ``mx`` patterns do not
-        allow are skipped (enforce) or reported (testing).  Enforce and none allowed:
-        every recipient is deferred, saying so."""
-        state = progress.sts
-        if state is None or state.policy is None:
-            return hosts
-        policy = state.policy
-        # RFC 8461 2: a host DANE applies to is not subject to the MTA-STS policy.
-        refused = [
-            mx.name
-            for mx in hosts
-            if not mx_allowed(policy, mx.name) and not _dane_applies(progress, mx.name)
-        ]
-        if not refused:
-            return hosts
-        event(
-            log,
-            "mta_sts_mx_refused",
-            logging.WARNING,
-            queue_id=progress.queue_id,
-            domain=domain,
-            mode=policy.mode,
-            id=state.id,
-            refused=",".join(refused),
-            patterns=",".join(policy.mx),
-        )
-        if policy.mode is not Mode.ENFORCE:
-            return hosts  # testing: reported, delivery goes on under the floor
-        allowed = [mx for mx in hosts if mx.name not in refused]
-        if not allowed:
-            reason = (
-                f"the MTA-STS policy of {domain} (enforce, id {state.id}) allows none of "
-                f"its MX hosts ({', '.join(refused)}; patterns {', '.join(policy.mx)})"
-            )
-            pending = progress.pending()
-            for i in pending:
-                progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
-            log_attempt(progress, pending, Status.TRANSIENT, reason)
-        return allowed
 
     # ---- one MX address --------------------------------------------------------------------
 
@@ -285,7 +211,8 @@ class Deliverer:
         if refused is not None:  # dane-only without usable TLSA: no connection at all
             self._no_session(progress, pending, Failure(refused.reason, None, refused), target, req)
             return
-        if sts is not None and sts.mode is Mode.TESTING and req.policy_source is not DANE:
+        dane = req.policy_source is PolicySource.DANE  # then MTA-STS is not consulted
+        if sts is not None and sts.mode is Mode.TESTING and not dane:
             got, ctx_key, ctx = await self._testing_session(
                 progress, domain, target, req, sts, (ctx_key, ctx)
             )

@@ -7,6 +7,7 @@ peers) sharing one port, which is ``delivery.port``; a fake resolver maps names 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import ssl
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from relay.app import new_deliverer
 from relay.config import DeliveryConfig, DomainPolicy, PolicyConfig, Route, RouteAuth, TlsLevel
@@ -26,6 +29,9 @@ from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import SessionPool
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts
+from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
+from relay.tlspolicy.mtasts import parse_policy
+from relay.tlspolicy.ststore import StsState
 from tests.fixtures import badpeers
 from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, server_context
 from tests.fixtures.net import free_port
@@ -51,15 +57,27 @@ class FakeResolver:
         self,
         mx: Mapping[str, Sequence[tuple[str, str]] | MxResult],
         hosts: Mapping[str, tuple[str, ...]] | None = None,
+        tlsa: Mapping[str, TlsaSet] | None = None,
     ) -> None:
         self.mx = dict(mx)
         self.hosts = dict(hosts or {})
+        self.tlsa_sets = dict(tlsa or {})  # host -> TLSA; any entry makes DNSSEC "on"
+        self.validated = bool(self.tlsa_sets)
+
+    async def ready(self) -> None:
+        return None
+
+    async def tlsa(self, host: str, port: int) -> TlsaSet:
+        return self.tlsa_sets[host]
 
     async def resolve(self, domain: str) -> MxResult:
         entry = self.mx[domain]
         if isinstance(entry, MxResult):
             return entry
-        hosts = tuple(MxHost(name, 10 * (n + 1), (ip,)) for n, (name, ip) in enumerate(entry))
+        hosts = tuple(
+            MxHost(name, 10 * (n + 1), (ip,), secure=name in self.tlsa_sets)
+            for n, (name, ip) in enumerate(entry)
+        )
         return MxResult(MxStatus.OK, hosts, "")
 
     async def addresses(self, host: str) -> tuple[str, ...]:
@@ -717,3 +735,58 @@ async def test_reply_timeout_in_the_transaction(
     assert outcomes[0].status is Status.TRANSIENT
     assert "Timed out waiting for server response" in outcomes[0].reason, outcomes[0].reason
     assert peer.messages == []
+
+
+# ---- DANE over MTA-STS (RFC 8461 2) ---------------------------------------------------------
+
+
+class FixedSts:
+    """StsPolicies' interface: one state for every domain."""
+
+    def __init__(self, state: StsState) -> None:
+        self.state = state
+
+    async def for_domain(self, domain: str) -> StsState:
+        return self.state
+
+    async def close(self) -> None:
+        return None
+
+
+def postfix_ee_tlsa(mx: PostfixMx) -> Tlsa:
+    leaf = x509.load_pem_x509_certificates((mx.conf / "mx.pem").read_bytes())[0]
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return Tlsa(3, 1, 1, hashlib.sha256(spki).digest())
+
+
+async def test_dane_host_is_not_subject_to_an_mta_sts_policy(
+    postfix_mx: PostfixMx, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The MTA-STS policy names no host of the domain; with a secure, matching TLSA RRset
+    the MX is a DANE host and gets the mail; without one, MTA-STS defers."""
+    enforce = parse_policy(b"version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n")
+    sts = FixedSts(StsState(enforce, id="7", origin="cache"))
+    name = f"_{postfix_mx.port}._tcp.mx.postfix.test"
+    cases = {
+        TlsaStatus.SECURE: (Status.DELIVERED, "policy=dane"),
+        TlsaStatus.ABSENT: (Status.TRANSIENT, "allows none of its MX hosts"),
+    }
+    for status, (want, text) in cases.items():
+        records = (postfix_ee_tlsa(postfix_mx),) if status is TlsaStatus.SECURE else ()
+        resolver = FakeResolver(
+            {"example.test": [("mx.postfix.test", "127.0.0.1")]},
+            tlsa={"mx.postfix.test": TlsaSet(name, status, records)},
+        )
+        d = new_deliverer(
+            make_cfg(postfix_mx.port, ca_file), policy(), "relay.test", resolver, Metrics()
+        )
+        d._sts = sts  # type: ignore[assignment]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="relay.delivery"):
+            (outcome,) = await send(d, ["a@example.test"])
+        await d.close()
+        assert outcome.status is want
+        assert text in caplog.text + outcome.reason
+    assert len(postfix_mx.wait_messages(1)) == 1

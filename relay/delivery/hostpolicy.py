@@ -1,0 +1,110 @@
+"""Which MX hosts of a domain may be tried, under the policies they publish.
+
+Role: :func:`dane_hosts` looks up the TLSA RRset of each MX host whose addresses are
+DNSSEC-secure (RFC 7672 2.2) and keeps it in the delivery's Progress, deferring a
+host whose lookup failed; :func:`sts_hosts` applies an MTA-STS policy's ``mx``
+patterns (RFC 8461 4.1) to the hosts DANE does not cover (RFC 8461 2).
+Not: the TLS requirement per host (relay.tlspolicy.verdict.requirement), connecting,
+or the MTA-STS and TLSA lookups themselves (relay.tlspolicy.ststore,
+relay.delivery.mx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from relay.delivery.mx import MxHost, MxResolver
+from relay.delivery.outcome import Outcome, Status
+from relay.delivery.progress import Progress, log_attempt
+from relay.delivery.session import Target
+from relay.domains import Domain
+from relay.log import event
+from relay.metrics import Metrics
+from relay.tlspolicy.dane import TlsaStatus
+from relay.tlspolicy.mtasts import Mode, mx_allowed
+from relay.tlspolicy.verdict import Verdict
+
+log = logging.getLogger("relay.delivery")
+
+DNSSEC_INVALID = "dnssec-invalid"  # RFC 8460 4.3.2
+
+
+def _dane_applies(progress: Progress, host: str) -> bool:
+    tlsa = progress.tlsa.get(host)
+    return tlsa is not None and tlsa.status is TlsaStatus.SECURE
+
+
+async def dane_hosts(
+    progress: Progress,
+    hosts: list[MxHost],
+    mx_secure: bool,
+    resolver: MxResolver,
+    port: int,
+    metrics: Metrics,
+) -> list[MxHost]:
+    """RFC 7672 2.2: the TLSA RRset of each MX host whose addresses are secure,
+    looked up together.  A host whose lookup failed (SERVFAIL, bogus, timeout) is
+    deferred: never tried without the DANE it may publish."""
+    progress.mx_secure = mx_secure
+    secure = [mx for mx in hosts if mx.secure]
+    found = await asyncio.gather(*(resolver.tlsa(mx.name, port) for mx in secure))
+    usable: list[MxHost] = []
+    for mx in hosts:
+        tlsa = found[secure.index(mx)] if mx.secure else None
+        if tlsa is not None:
+            progress.tlsa[mx.name] = tlsa
+        if tlsa is None or tlsa.status is not TlsaStatus.FAILED:
+            usable.append(mx)
+            continue
+        reason = f"MX {mx.name} skipped: {tlsa.detail} for {tlsa.name} (RFC 7672 2.2)"
+        progress.reasons.append(reason)
+        target = Target(mx.name, mx.addresses[0] if mx.addresses else "", port)
+        verdict = Verdict(False, None, reason, DNSSEC_INVALID)
+        metrics.tls_failures.inc()
+        log_attempt(
+            progress, progress.pending(), Status.TRANSIENT, reason, target, None, None, verdict
+        )
+    return usable
+
+
+def sts_hosts(progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[MxHost]:
+    """RFC 8461 4.1: under an MTA-STS policy, MX hosts its ``mx`` patterns do not
+    allow are skipped (enforce) or reported (testing).  Enforce and none allowed:
+    every recipient is deferred, saying so."""
+    state = progress.sts
+    if state is None or state.policy is None:
+        return hosts
+    policy = state.policy
+    # RFC 8461 2: a host DANE applies to is not subject to the MTA-STS policy.
+    refused = [
+        mx.name
+        for mx in hosts
+        if not mx_allowed(policy, mx.name) and not _dane_applies(progress, mx.name)
+    ]
+    if not refused:
+        return hosts
+    event(
+        log,
+        "mta_sts_mx_refused",
+        logging.WARNING,
+        queue_id=progress.queue_id,
+        domain=domain,
+        mode=policy.mode,
+        id=state.id,
+        refused=",".join(refused),
+        patterns=",".join(policy.mx),
+    )
+    if policy.mode is not Mode.ENFORCE:
+        return hosts  # testing: reported, delivery goes on under the floor
+    allowed = [mx for mx in hosts if mx.name not in refused]
+    if not allowed:
+        reason = (
+            f"the MTA-STS policy of {domain} (enforce, id {state.id}) allows none of "
+            f"its MX hosts ({', '.join(refused)}; patterns {', '.join(policy.mx)})"
+        )
+        pending = progress.pending()
+        for i in pending:
+            progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
+        log_attempt(progress, pending, Status.TRANSIENT, reason)
+    return allowed
