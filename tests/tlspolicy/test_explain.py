@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from relay import config
-from relay.tlspolicy.explain import report
+from relay.tlspolicy.explain import report, report_json
 from tests.fixtures.dns import DnsServer
+from tests.fixtures.dnssec import DnssecLab, DnssecLabFactory
 
 TLS_RELAY = Path(sys.executable).parent / "tls-relay"
-NOT_IMPLEMENTED = "enabled in config but not implemented in this version"
 
 POLICY = """\
 policy:
@@ -33,7 +33,7 @@ policy:
 def write_config(
     tmp_path: Path,
     cert: tuple[Path, Path],
-    dns: DnsServer,
+    dns: DnsServer | DnssecLab,
     mta_sts: bool = True,
     dane: bool = True,
 ) -> Path:
@@ -88,11 +88,14 @@ def test_mx_hosts_level_and_source(cfg: config.Config) -> None:
     assert "20 mx2.example.test  127.0.0.12" in lines[mx2]
     assert "TLS level: secure (from static policy domains['example.test'])" in lines
     assert "minimum TLS version: TLSv1.2" in lines
-    assert "  and a name must match the MX host name (also sent as SNI)" in lines
+    # `secure` as delivery checks it: a match name, not the MX host name (issue 15).
+    assert "  and a name must match the MX host name (also sent as SNI)" not in lines
+    assert "  (the MX host name alone does not do; it is sent as SNI)" in lines
     assert any("example.test, .example.test, mail.partner.test" in line for line in lines)
     assert "MTA-STS: no policy (no _mta-sts TXT record, or mode none)" in text
-    assert f"DANE: {NOT_IMPLEMENTED}" in text
-    assert "the static level applies (never lowered)" in text
+    # The DNS fixture does not validate: the probe says so and DANE stays off.
+    assert "DANE: off: the DNSSEC probe ('. NS' at 127.0.0.1) failed" in text
+    assert "  mx1.example.test: level secure (source static: static policy" in text
 
 
 def test_default_policy_and_implicit_mx(cfg: config.Config) -> None:
@@ -212,4 +215,40 @@ def test_cli_policy_json_with_a_cached_mta_sts_policy(
     assert not hosts["mx1.example.test"]["mta_sts_allowed"]
     mx2 = hosts["mx2.example.test"]
     assert (mx2["skipped"], mx2["level"], mx2["source"]) == (False, "secure", "mta-sts")
-    assert doc["dane"] == {"enabled": True, "implemented": False}
+    assert doc["dane"]["enabled"] is True and doc["dane"]["active"] is False
+    assert "the DNSSEC probe" in doc["dane"]["not_active_because"]
+    assert mx2["tlsa"] is None and mx2["dnssec_secure"] is False
+
+
+def test_dane_inputs_per_mx_host_from_a_validating_resolver(
+    tmp_path: Path, server_cert: tuple[Path, Path], dnssec_lab: DnssecLabFactory
+) -> None:
+    """Against nsd + unbound (real DNSSEC): the probe, the MX RRset's status, each
+    host's TLSA records (usable or not) and the requirement DANE makes of it."""
+    ee = "3 1 1 " + "ab" * 32
+    lab = dnssec_lab(
+        secure=[
+            "dane.test. 60 IN MX 10 mx1.dane.test.",
+            "dane.test. 60 IN MX 20 mx2.dane.test.",
+            "dane.test. 60 IN MX 30 mx.insecure.test.",
+            "mx1.dane.test. 60 IN A 127.0.0.21",
+            f"_2526._tcp.mx1.dane.test. 60 IN TLSA {ee}",
+            "_2526._tcp.mx1.dane.test. 60 IN TLSA 1 1 1 " + "cd" * 32,
+            "mx2.dane.test. 60 IN A 127.0.0.22",
+        ],
+        insecure=["mx.insecure.test. 60 IN A 127.0.0.23"],
+    )
+    cfg = config.load(write_config(tmp_path, server_cert, lab, mta_sts=False))
+    text = report(cfg, "dane.test")
+    assert "10 mx1.dane.test  127.0.0.21  (addresses DNSSEC-secure)" in text
+    assert "DANE: on (the resolver validates DNSSEC); MX RRset secure" in text
+    assert "  _2526._tcp.mx1.dane.test: secure, 2 record(s), 1 usable" in text
+    assert f"    {ee}  (usable)" in text
+    assert "  _2526._tcp.mx2.dane.test: no TLSA records (validated)" in text
+    assert "  mx.insecure.test: addresses not DNSSEC-secure: no TLSA lookup" in text
+    assert "  mx1.dane.test: level dane (source dane: DANE TLSA at _2526._tcp.mx1" in text
+    assert "  mx2.dane.test: level encrypt (source static" in text
+    doc = report_json(cfg, "dane.test")
+    assert doc["dane"]["active"] is True and doc["mx"]["dnssec_secure"] is True
+    mx1 = next(h for h in doc["hosts"] if h["name"] == "mx1.dane.test")
+    assert mx1["tlsa"]["usable"] == [ee] and mx1["source"] == "dane"
