@@ -27,7 +27,9 @@ the p99 accept latency.  Results: a Markdown table on stdout and JSON under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -49,7 +51,7 @@ SIZES: dict[str, tuple[int, int, int]] = {  # name -> (bytes, connections, msgs/
     "100k": (100 * KIB, 8, 50),
     "10m": (10 * MIB, 4, 2),
 }
-SYSTEMS = ("direct", "postfix", "postfix-noreuse", "relay")
+SYSTEMS = ("direct", "postfix", "postfix-noreuse", "relay", "relay-dane")
 PLACEMENTS = ("percore", "machine")
 RESULTS = ROOT / "bench" / "results"
 
@@ -168,6 +170,7 @@ def run_one(
         "ok": False,
     }
     sink = Sink(ctx.cert, ctx.key, cpu_h, wd)
+    stack = contextlib.ExitStack()  # a DNSSEC lab, for relay-dane
     sut: SUT | None = None
     sampler: procs.Sampler | None = None
     spy: subprocess.Popen[bytes] | None = None
@@ -180,6 +183,9 @@ def run_one(
                 sut = PostfixSUT(wd, sink_port, ctx.cert, ctx.key, system == "postfix", cpu_s)
             elif system == "relay":
                 sut = RelaySUT(wd, sink_port, ctx.cert, ctx.key, cpu_s)
+            elif system == "relay-dane":
+                lab = stack.enter_context(dane_lab(wd, sink_port, ctx.cert))
+                sut = RelaySUT(wd, sink_port, ctx.cert, ctx.key, cpu_s, dnssec_port=lab.port)
             else:
                 raise RunFailed(f"unknown system {system}")
             sut.start()
@@ -312,12 +318,34 @@ def run_one(
                 sut.stop()
         finally:
             sink.stop()
+            stack.close()
             os.sched_setaffinity(0, ctx.all_cpus)
         if res["ok"] and not ctx.keep:
             shutil.rmtree(wd, ignore_errors=True)
         else:
             res["workdir"] = str(wd)
     return res
+
+
+def dane_lab(wd: Path, sink_port: int, cert: Path) -> contextlib.AbstractContextManager[Any]:
+    """A DNSSEC lab (nsd + validating unbound, tests/fixtures/dnssec.py) where bench.test's
+    MX is the sink, with a DANE-EE TLSA record for the sink's certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.fixtures.dnssec import running_lab
+
+    leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    records = [
+        "bench.test. 300 IN MX 10 mx.bench.test.",
+        "mx.bench.test. 300 IN A 127.0.0.1",
+        f"_{sink_port}._tcp.mx.bench.test. 300 IN TLSA 3 1 1 {hashlib.sha256(spki).hexdigest()}",
+    ]
+    (wd / "dnssec").mkdir()
+    return running_lab(wd / "dnssec", secure=records)
 
 
 # ---------------------------------------------------------------------------- py-spy
@@ -681,11 +709,11 @@ def main(argv: list[str] | None = None) -> int:
             if s in systems:
                 systems.remove(s)
                 skipped[s] = why
-    if "relay" in systems:
-        why = relay_unavailable()
-        if why:
-            systems.remove("relay")
-            skipped["relay"] = why
+    for name in ("relay", "relay-dane"):
+        why = relay_unavailable(dnssec=name == "relay-dane")
+        if name in systems and why:
+            systems.remove(name)
+            skipped[name] = why
     args.tmp = Path(tempfile.mkdtemp(prefix="tls-relay-bench-"))
     os.chmod(args.tmp, 0o755)
     started = time.time()
@@ -752,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Note: {len(noisy)} run(s) saw other CPU load > 15% of a core"
             " (other jobs on the machine); see other_cpu_s in the JSON.",
         ]
+    text += paired(results, "relay-dane", "relay")
     if profile:
         text += [
             "",
@@ -787,6 +816,41 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 1
     return 0
+
+
+def paired(results: list[dict[str, Any]], system: str, base: str) -> list[str]:
+    """*system* against *base*, each repetition with its own partner (same size, placement
+    and repetition, run back to back): median ratio and its min-max, as only ratios from
+    paired runs mean anything on a machine whose speed drifts."""
+    ok = {
+        (r["system"], r["size"], r["placement"], r["rep"]): r
+        for r in results
+        if r["ok"] and not r.get("rate")
+    }
+    lines = ["", f"{system} / {base}, paired per repetition (median, min-max):"]
+    for size in SIZES:
+        for place in PLACEMENTS:
+            pairs = [
+                (ok[(system, size, place, rep)], ok[(base, size, place, rep)])
+                for (sysname, sz, pl, rep) in ok
+                if (sysname, sz, pl) == (system, size, place) and (base, size, place, rep) in ok
+            ]
+            if not pairs:
+                continue
+            rate = [_ratio(a["delivered_per_s"], b["delivered_per_s"]) for a, b in pairs]
+            cpu = [_ratio(a["sut_cpu_ms_per_msg"], b["sut_cpu_ms_per_msg"]) for a, b in pairs]
+            lines.append(
+                f"  {size} {place}: delivered msg/s {_spread(rate)}, CPU per message "
+                f"{_spread(cpu)} ({len(pairs)} pair(s))"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def _spread(values: list[float | None]) -> str:
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return "-"
+    return f"{statistics.median(got):.2f} x ({got[0]:.2f}-{got[-1]:.2f})"
 
 
 def cpu_breakdown(results: list[dict[str, Any]]) -> list[str]:

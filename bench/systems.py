@@ -187,6 +187,19 @@ class PostfixSUT(SUT):
         return "\n".join((interesting or lines)[-15:])
 
 
+# The plain relay: bench.test routed to the sink, MTA-STS and DANE off (no lookups).
+ROUTED = """\
+  routes:
+    - {{domains: ["bench.test"], via: "[127.0.0.1]:{sink_port}"}}
+  # any DNS lookup stays on loopback (and fails fast): nothing leaves 127.0.0.0/8
+  resolver: {{nameservers: [127.0.0.1], port: {dns_port}, timeout: 1s}}"""
+
+# relay-dane: bench.test's MX found through a validating resolver (a DNSSEC lab on
+# loopback), its TLSA record matched on every session, MTA-STS looked up (no policy).
+RESOLVED = """\
+  port: {sink_port}
+  resolver: {{nameservers: [127.0.0.1], port: {dns_port}, timeout: 2s}}"""
+
 RELAY_CONFIG = """\
 # tls-relay as benchmarked (bench/systems.py): same role as the Postfix anchor.
 hostname: relay.bench.invalid
@@ -198,14 +211,11 @@ limits: {{max_message_size: 50MiB}}
 spool: {{path: "{spool}"}}
 queue: {{retry: [1s], max_lifetime: 1h, shutdown_grace: 2s}}
 delivery:
-  routes:
-    - {{domains: ["bench.test"], via: "[127.0.0.1]:{sink_port}"}}
-  # any DNS lookup stays on loopback (and fails fast): nothing leaves 127.0.0.0/8
-  resolver: {{nameservers: [127.0.0.1], port: {dns_port}, timeout: 1s}}
+{delivery}
 policy:
   default: {{level: encrypt}}
-  mta_sts: false
-  dane: false
+  mta_sts: {policies}
+  dane: {policies}
 # one process per CPU it may use: 1 when pinned (percore), 2 on the whole machine
 workers: auto
 """
@@ -227,19 +237,26 @@ class RelaySUT(SUT):
         key: Path,
         cpus: set[int] | None,
         extra_env: dict[str, str] | None = None,
+        dnssec_port: int | None = None,
     ) -> None:
+        """*dnssec_port*: a validating resolver on loopback (relay-dane): MX lookup,
+        MTA-STS and DANE on; else bench.test is routed and both are off."""
         self.workdir = workdir / "relay"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config = self.workdir / "relay.yaml"
+        delivery = ROUTED if dnssec_port is None else RESOLVED
         self.config.write_text(
             RELAY_CONFIG.format(
                 port=self.port,
                 cert=cert,
                 key=key,
                 spool=self.workdir / "spool",
-                sink_port=sink_port,
-                dns_port=free_port(),
+                delivery=delivery.format(
+                    sink_port=sink_port,
+                    dns_port=free_port() if dnssec_port is None else dnssec_port,
+                ),
+                policies="false" if dnssec_port is None else "true",
             )
         )
         self.cmd = taskset(cpus, [str(relay_binary()), "serve", "-c", str(self.config)])
@@ -293,9 +310,15 @@ class RelaySUT(SUT):
         return "\n".join(lines[-15:])
 
 
-def relay_unavailable() -> str | None:
+def relay_unavailable(dnssec: bool = False) -> str | None:
     """None if ``tls-relay serve`` looks runnable, else why not (checked by a real start
-    in bench.run before the relay rows are attempted)."""
+    in bench.run before the relay rows are attempted); *dnssec*: the DANE row also needs
+    the DNSSEC lab's Debian packages."""
     if not relay_binary().exists():
         return f"{relay_binary()} not found (make venv)"
+    if dnssec:
+        from tests.fixtures import dnssec as lab
+
+        if not lab.available():
+            return "needs nsd, unbound and ldnsutils (make deps)"
     return None

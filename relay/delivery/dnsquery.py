@@ -9,14 +9,16 @@ Postfix's resolver does for DANE; the AD bit of a reply is believed only because
 caller checked that the resolver is on loopback and validates
 (:func:`relay.delivery.mx.MxResolver.probe_dnssec`).
 
-Not: MX ordering or TLSA semantics (relay.delivery.mx), caching (the resolver on
-loopback caches; the scheduler asks again on each attempt), DNSSEC validation itself.
+:class:`TtlCache` keeps what callers built from answers for the answers' TTL.
+Not: MX ordering or TLSA semantics (relay.delivery.mx), DNSSEC validation itself.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -48,10 +50,21 @@ class Reply:
     outcome: Lookup
     detail: str  # "" for ANSWER
     secure: bool = False  # AD set on the response (only asked for with dnssec on)
+    ttl: int = 0  # seconds the answer (or the denial, RFC 2308) may be reused
 
 
 def _has_ad(response: object) -> bool:
     return isinstance(response, dns.message.Message) and bool(response.flags & dns.flags.AD)
+
+
+def _negative_ttl(response: object) -> int:
+    """RFC 2308 §5: a denial may be reused for min(SOA TTL, SOA MINIMUM); 0 without SOA."""
+    if not isinstance(response, dns.message.Message):
+        return 0
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return int(min(rrset.ttl, rrset[0].minimum))
+    return 0
 
 
 class DnsClient:
@@ -73,7 +86,7 @@ class DnsClient:
             self._resolver.lifetime = cfg.timeout
             # Per-try timeout below the lifetime, so a lost UDP datagram is retried.
             self._resolver.timeout = min(2.0, cfg.timeout)
-        self._resolver.cache = None  # the scheduler asks again on each attempt; no stale data
+        self._resolver.cache = None  # callers keep results (TtlCache), not raw answers
         self.dnssec = dnssec
         if dnssec:
             # DO: the resolver keeps DNSSEC data; AD in the query: report validation.
@@ -113,10 +126,17 @@ class DnsClient:
         except dns.resolver.NXDOMAIN as exc:
             responses = list((exc.kwargs.get("responses") or {}).values())
             secure = bool(responses) and all(_has_ad(r) for r in responses)
-            return Reply(None, Lookup.NXDOMAIN, "NXDOMAIN", secure)
+            ttl = min((_negative_ttl(r) for r in responses), default=0)
+            return Reply(None, Lookup.NXDOMAIN, "NXDOMAIN", secure, ttl)
         except dns.resolver.NoAnswer as exc:
-            secure = _has_ad(exc.kwargs.get("response"))
-            return Reply(None, Lookup.NODATA, f"no {rdtype} records", secure)
+            response = exc.kwargs.get("response")
+            return Reply(
+                None,
+                Lookup.NODATA,
+                f"no {rdtype} records",
+                _has_ad(response),
+                _negative_ttl(response),
+            )
         except dns.resolver.LifetimeTimeout:
             return Reply(None, Lookup.TRANSIENT, f"{rdtype} query timed out")
         except dns.resolver.NoNameservers as exc:
@@ -124,7 +144,40 @@ class DnsClient:
             return Reply(None, Lookup.TRANSIENT, f"{rdtype} query: {_servfail_detail(exc)}")
         except (dns.exception.DNSException, OSError) as exc:
             return Reply(None, Lookup.TRANSIENT, f"{rdtype} query failed: {exc}")
-        return Reply(answer, Lookup.ANSWER, "", _has_ad(answer.response))
+        ttl = max(0, int(answer.expiration - time.time()))  # the least TTL of the chain
+        return Reply(answer, Lookup.ANSWER, "", _has_ad(answer.response), ttl)
+
+
+class TtlCache:
+    """Results built from DNS answers, kept for the least TTL of those answers (at most
+    ``MAX_TTL``), so a steady stream of mail to one domain does not ask the resolver
+    for its MX, addresses and TLSA records per message; failures are never kept."""
+
+    MAX_TTL = 300.0  # seconds, whatever the records say
+    MAX_ENTRIES = 10_000  # then start afresh (a bound, not an eviction policy)
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def get(self, key: tuple[str, str]) -> object | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def keep(self, key: tuple[str, str], ttl: float, value: object) -> None:
+        if ttl <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = (self._clock() + min(ttl, self.MAX_TTL), value)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def _servfail_detail(exc: dns.resolver.NoNameservers) -> str:

@@ -9,8 +9,10 @@ host's TLSA RRset for DANE (RFC 7672 §2.2) and probe that the resolver validate
 all (:meth:`MxResolver.probe_dnssec`, Postfix's ``dnssec_probe``).  Also the pure
 route matcher :func:`route_for` for ``delivery.routes`` (next hops that bypass MX lookup).
 
+Results (MX sets with addresses, TLSA sets) are reused for the least TTL of their
+answers, at most 5 minutes (:class:`relay.delivery.dnsquery.TtlCache`); failures never.
 Not: TLS or policy verdicts (relay.tlspolicy); connecting to the hosts; retries (the
-scheduler decides when to ask again); caching beyond one call.
+scheduler decides when to ask again).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import dns.rdtypes.ANY.TLSA
 import dns.rdtypes.ANY.TXT
 
 from relay.config import ResolverConfig, Route
-from relay.delivery.dnsquery import DnsClient, Lookup, Reply
+from relay.delivery.dnsquery import DnsClient, Lookup, Reply, TtlCache
 from relay.domains import Domain, dns_name
 from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 
@@ -54,6 +56,7 @@ class MxResult:
     reason: str  # one sentence; for OK, notes on skipped or capped hosts (may be "")
     implicit: bool = False  # no MX RRset: the domain itself is the MX (RFC 5321 §5.1)
     secure: bool = False  # the MX RRset (or its denial) was DNSSEC-validated
+    ttl: int = 0  # the least TTL of the answers it was made of
 
 
 def _ip_literal(name: str) -> str | None:
@@ -92,6 +95,7 @@ class _HostAddrs:
     outcome: Lookup  # ANSWER if any address; else the most hopeful failure
     detail: str
     secure: bool = False  # every A/AAAA reply was validated
+    ttl: int = 0  # the least TTL of the A and AAAA replies
 
 
 class MxResolver:
@@ -118,6 +122,7 @@ class MxResolver:
         self._dns = DnsClient(cfg, dnssec)
         self._setup_error = self._dns.setup_error
         self.validated = False  # set by probe_dnssec: AD bits are believed
+        self._cache = TtlCache()  # MX results and TLSA sets, for their DNS TTL
         self._probed = asyncio.Event()  # the first verdict on DNSSEC is in
         if not dnssec:
             self._probed.set()  # nothing to wait for
@@ -137,6 +142,8 @@ class MxResolver:
             why = await self._probe()
         finally:
             self._probed.set()
+        if self.validated != (why is None):
+            self._cache.clear()  # answers judged under the other DNSSEC state
         self.validated = why is None
         return why
 
@@ -169,20 +176,32 @@ class MxResolver:
         name = f"_{port}._tcp.{dns_name(host)}"
         if not self.validated:
             return TlsaSet(name, TlsaStatus.INSECURE, detail="resolver not validating")
+        cached = self._cache.get(("TLSA", name))
+        if isinstance(cached, TlsaSet):
+            return cached
+        found, ttl = await self._tlsa(name)
+        if found.status is not TlsaStatus.FAILED:
+            self._cache.keep(("TLSA", name), ttl, found)
+        return found
+
+    async def _tlsa(self, name: str) -> tuple[TlsaSet, int]:
         reply = await self._dns.query(name, "TLSA")
         if reply.outcome is Lookup.TRANSIENT:
             # RFC 7672 §2.2: a failed (or bogus) TLSA lookup for a secure host: defer.
-            return TlsaSet(name, TlsaStatus.FAILED, detail=f"TLSA lookup failed: {reply.detail}")
+            detail = f"TLSA lookup failed: {reply.detail}"
+            return TlsaSet(name, TlsaStatus.FAILED, detail=detail), 0
         if not reply.secure:
-            return TlsaSet(name, TlsaStatus.INSECURE, detail="answer not DNSSEC-validated")
+            detail = "answer not DNSSEC-validated"
+            return TlsaSet(name, TlsaStatus.INSECURE, detail=detail), reply.ttl
         if reply.answer is None:
-            return TlsaSet(name, TlsaStatus.ABSENT, detail="no TLSA records (validated)")
+            detail = "no TLSA records (validated)"
+            return TlsaSet(name, TlsaStatus.ABSENT, detail=detail), reply.ttl
         records = tuple(
             Tlsa(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
             for rd in reply.answer
             if isinstance(rd, dns.rdtypes.ANY.TLSA.TLSA)
         )
-        return TlsaSet(name, TlsaStatus.SECURE, records)
+        return TlsaSet(name, TlsaStatus.SECURE, records), reply.ttl
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -200,6 +219,15 @@ class MxResolver:
             return MxResult(MxStatus.PERMANENT, (), f"{domain!r} is not a valid domain name: {exc}")
         if self._setup_error:
             return MxResult(MxStatus.TRANSIENT, (), self._setup_error)
+        cached = self._cache.get(("MX", name))
+        if isinstance(cached, MxResult):
+            return cached
+        result = await self._resolve(name)
+        if result.status is MxStatus.OK:  # failures are asked again next time
+            self._cache.keep(("MX", name), result.ttl, result)
+        return result
+
+    async def _resolve(self, name: Domain) -> MxResult:
         reply = await self._dns.query(name, "MX")
         if reply.outcome is Lookup.NXDOMAIN:
             # RFC 5321 §5.1: a non-existent domain MUST be reported as an error.
@@ -213,7 +241,7 @@ class MxResolver:
             assert reply.answer is not None
             records = [(int(rd.preference), dns_name(rd.exchange.to_text())) for rd in reply.answer]
             result = await self._explicit_mx(name, records)
-        return replace(result, secure=self._secure(reply))
+        return replace(result, secure=self._secure(reply), ttl=min(result.ttl, reply.ttl))
 
     async def addresses(self, host: str) -> tuple[str, ...]:
         """A then AAAA addresses of *host* (also for routes' next hops); an IP literal is
@@ -248,9 +276,8 @@ class MxResolver:
         found = await self._host_addresses(name)
         if found.addresses:
             host = MxHost(name, 0, found.addresses, found.secure)
-            return MxResult(
-                MxStatus.OK, (host,), f"no MX records: implicit MX {name} (RFC 5321 §5.1)", True
-            )
+            reason = f"no MX records: implicit MX {name} (RFC 5321 §5.1)"
+            return MxResult(MxStatus.OK, (host,), reason, True, ttl=found.ttl)
         if found.outcome is Lookup.TRANSIENT:
             return MxResult(
                 MxStatus.TRANSIENT,
@@ -300,7 +327,8 @@ class MxResolver:
             transient = transient or addrs.outcome is Lookup.TRANSIENT
             notes.append(f"skipped MX {exchange}: {addrs.detail}")
         if hosts:
-            return MxResult(MxStatus.OK, tuple(hosts), "; ".join(notes))
+            ttl = min(addrs.ttl for addrs in found)
+            return MxResult(MxStatus.OK, tuple(hosts), "; ".join(notes), ttl=ttl)
         # Never fall back to the domain's own A/AAAA when MX records exist (RFC 5321 §5.1).
         # No usable host is deferred, not bounced: a broken MX set is usually fixed within
         # the queue lifetime, after which the scheduler bounces.
@@ -336,7 +364,7 @@ class MxResolver:
         if addrs:
             # Secure only if neither reply could have been tampered with (RFC 7672 §2.2.2).
             secure = self._secure(a) and self._secure(aaaa)
-            return _HostAddrs(addrs, Lookup.ANSWER, "", secure)
+            return _HostAddrs(addrs, Lookup.ANSWER, "", secure, min(a.ttl, aaaa.ttl))
         if Lookup.TRANSIENT in (a.outcome, aaaa.outcome):
             detail = a.detail if a.outcome is Lookup.TRANSIENT else aaaa.detail
             return _HostAddrs((), Lookup.TRANSIENT, f"address lookup failed: {detail}")
