@@ -315,8 +315,13 @@ async def test_scheduler_counts_outcomes_and_bounces(tmp_path: Path) -> None:
 class OneMx:
     """relay.mx.MxResolver's interface: every domain has one MX at *ip*."""
 
+    validated = False  # DNSSEC: not asked
+
     def __init__(self, ip: str) -> None:
         self.ip = ip
+
+    async def ready(self) -> None:
+        return None
 
     async def resolve(self, domain: str) -> MxResult:
         return MxResult(MxStatus.OK, (MxHost(f"mx.{domain}", 10, (self.ip,)),), "")
