@@ -35,7 +35,7 @@ from relay import log as relaylog
 from relay import workers
 from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel
 from relay.delivery.deliverer import Deliverer
-from relay.delivery.mx import MxResolver
+from relay.delivery.mx import DnssecState, MxResolver
 from relay.delivery.pool import SessionPool
 from relay.intake import tlscontext
 from relay.intake.auth import PasswordChecker
@@ -53,6 +53,11 @@ from relay.tlspolicy.ststore import StsPolicies
 log = logging.getLogger("relay.app")
 
 DNSSEC_REPROBE = 300.0  # seconds between DNSSEC probes of the resolver (DANE)
+DNSSEC_RETRY = 30.0  # ... while no probe has been answered (deliveries wait meanwhile)
+
+
+def _reprobe_after(state: DnssecState) -> float:
+    return DNSSEC_RETRY if state is DnssecState.UNKNOWN else DNSSEC_REPROBE
 
 
 @dataclass
@@ -90,6 +95,7 @@ class App:
                 started.append(listener)
         except BaseException:
             await asyncio.gather(*(x.stop() for x in started), return_exceptions=True)
+            await self._stop_dnssec_watch()
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
@@ -106,36 +112,51 @@ class App:
         )
 
     async def _probe_dnssec(self, log_unchanged: bool = False) -> None:
-        """Postfix's dnssec_probe: DANE only while the resolver proves it validates."""
+        """Postfix's dnssec_probe: DANE only while the resolver proves it validates.
+        Logged when the verdict changes (and at start); a probe without an answer
+        keeps the verdict and is logged on its own."""
         assert self.resolver is not None
-        was = self.resolver.validated
+        was = self.resolver.dnssec_state
         why = await self.resolver.probe_dnssec()
-        if self.resolver.validated == was and not log_unchanged:
+        state = self.resolver.dnssec_state
+        if state is DnssecState.VALIDATING:
+            if state is not was or log_unchanged:
+                event(log, "dane_enabled", reason="the resolver validates ('. NS' with AD)")
             return
-        if why is None:
-            event(log, "dane_enabled", reason="the resolver validates ('. NS' came back with AD)")
+        if state is was and not log_unchanged and state is not DnssecState.UNKNOWN:
             return
         dane_only = [d for d, p in self.cfg.policy.domains.items() if p.level >= TlsLevel.DANE]
+        unknown = state is DnssecState.UNKNOWN
         event(
             log,
-            "dane_disabled",
+            "dnssec_probe_failed" if why and state is was and not unknown else "dane_disabled",
             logging.WARNING,
             reason=why,
-            retry=f"probed again every {DNSSEC_REPROBE:g}s",
-            deferred=",".join(dane_only) or None,  # dane-only domains wait meanwhile
+            # Never answered yet: mail to MX hosts waits rather than go without DANE.
+            deferred="all MX deliveries" if unknown else ",".join(dane_only) or None,
+            retry=f"in {_reprobe_after(state):g}s",
         )
 
     async def _watch_dnssec(self) -> None:
         """Probe again now and then: a resolver started after the relay turns DANE on,
         one that stopped validating turns it off (and says so)."""
+        assert self.resolver is not None
         await self._probe_dnssec(log_unchanged=True)
         while True:
-            await asyncio.sleep(DNSSEC_REPROBE)
-            await self._probe_dnssec()
+            await asyncio.sleep(_reprobe_after(self.resolver.dnssec_state))
+            try:
+                await self._probe_dnssec()
+            except Exception:  # never let the watch die silently: DANE would freeze
+                log.exception("dnssec_probe_error")
 
-    async def stop(self) -> None:
+    async def _stop_dnssec_watch(self) -> None:
         if self._dnssec_watch is not None:
             self._dnssec_watch.cancel()
+            await asyncio.gather(self._dnssec_watch, return_exceptions=True)
+            self._dnssec_watch = None
+
+    async def stop(self) -> None:
+        await self._stop_dnssec_watch()
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
         self.spool.fresh.clear()  # locks still held for messages never picked up

@@ -19,7 +19,7 @@ import pytest
 
 from relay.app import new_deliverer
 from relay.config import DeliveryConfig, DomainPolicy, PolicyConfig, QueueConfig
-from relay.delivery.mx import MxHost, MxResult, MxStatus
+from relay.delivery.mx import DnssecState, MxHost, MxResult, MxStatus
 from relay.delivery.outcome import Outcome, Status
 from relay.metrics import Metrics, MetricsServer, format_value
 from relay.queue.envelope import QueueEnvelope, Recipient
@@ -316,6 +316,7 @@ class OneMx:
     """relay.mx.MxResolver's interface: every domain has one MX at *ip*."""
 
     validated = False  # DNSSEC: not asked
+    dnssec_state = DnssecState.OFF
 
     def __init__(self, ip: str) -> None:
         self.ip = ip

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from relay.config import DeliveryConfig, PolicyConfig, Route
 from relay.delivery.hostpolicy import dane_hosts, sts_hosts
-from relay.delivery.mx import MxResolver, MxStatus, route_for
+from relay.delivery.mx import DnssecState, MxResolver, MxStatus, route_for
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
 from relay.delivery.progress import Progress, log_attempt
@@ -134,6 +134,16 @@ class Deliverer:
         if route is None:
             progress.trace.stage = "the first DNSSEC probe of the resolver"
             await self.resolver.ready()
+            if self.policy.dane and self.resolver.dnssec_state is DnssecState.UNKNOWN:
+                # Fail closed: until the resolver answers the probe, nobody knows whether
+                # the MX hosts publish DANE; waiting is safe, guessing is not.
+                reason = (
+                    "DANE is on but the resolver has not answered the DNSSEC probe yet "
+                    f"({self.resolver.dnssec_problem}); deferred rather than sent without DANE"
+                )
+                progress.reasons.append(reason)
+                log_attempt(progress, progress.pending(), Status.TRANSIENT, reason)
+                return
         if route is None and self._sts is not None:
             # MTA-STS names the MX hosts of a domain; a route's next hop is the
             # operator's choice, outside any recipient domain's policy.

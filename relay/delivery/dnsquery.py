@@ -159,6 +159,7 @@ class TtlCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._entries: dict[tuple[str, str], tuple[float, object]] = {}
+        self.generation = 0  # bumped by clear(): results begun before are not kept
 
     def get(self, key: tuple[str, str]) -> object | None:
         entry = self._entries.get(key)
@@ -169,8 +170,10 @@ class TtlCache:
             return None
         return entry[1]
 
-    def keep(self, key: tuple[str, str], ttl: float, value: object) -> None:
-        if ttl <= 0:
+    def keep(self, key: tuple[str, str], ttl: float, value: object, generation: int) -> None:
+        """Keep *value* for *ttl* seconds (capped), unless the cache was cleared since
+        *generation* was read (the lookup began under a state that no longer holds)."""
+        if ttl <= 0 or generation != self.generation:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
@@ -178,6 +181,7 @@ class TtlCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self.generation += 1
 
 
 def _servfail_detail(exc: dns.resolver.NoNameservers) -> str:

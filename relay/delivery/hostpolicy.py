@@ -31,8 +31,9 @@ DNSSEC_INVALID = "dnssec-invalid"  # RFC 8460 4.3.2
 
 
 def _dane_applies(progress: Progress, host: str) -> bool:
+    """The host has usable DNSSEC-validated TLSA records: DANE, not MTA-STS, judges it."""
     tlsa = progress.tlsa.get(host)
-    return tlsa is not None and tlsa.status is TlsaStatus.SECURE
+    return tlsa is not None and bool(tlsa.usable)
 
 
 async def dane_hosts(

@@ -35,6 +35,15 @@ from relay.domains import Domain, dns_name
 from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 
 
+class DnssecState(enum.Enum):
+    """What the DNSSEC probes found out about the resolver (Postfix's dnssec_probe)."""
+
+    OFF = "off"  # not asked for (policy dane: false)
+    UNKNOWN = "unknown"  # no probe has been answered yet
+    VALIDATING = "validating"  # on loopback, '. NS' came back with AD
+    NOT_VALIDATING = "not validating"  # off loopback, or answered without AD
+
+
 class MxStatus(enum.Enum):
     OK = "ok"
     PERMANENT = "permanent"  # bounce the recipients now (RFC 5321 §5.1, RFC 7505)
@@ -121,7 +130,8 @@ class MxResolver:
         self._rng = rng if rng is not None else random.SystemRandom()
         self._dns = DnsClient(cfg, dnssec)
         self._setup_error = self._dns.setup_error
-        self.validated = False  # set by probe_dnssec: AD bits are believed
+        self.dnssec_state = DnssecState.UNKNOWN if dnssec else DnssecState.OFF
+        self.dnssec_problem: str | None = None  # the last probe's complaint
         self._cache = TtlCache()  # MX results and TLSA sets, for their DNS TTL
         self._probed = asyncio.Event()  # the first verdict on DNSSEC is in
         if not dnssec:
@@ -134,38 +144,46 @@ class MxResolver:
 
     # ---- DNSSEC ------------------------------------------------------------------------------
 
+    @property
+    def validated(self) -> bool:
+        """AD bits are believed: the last probe that got an answer proved validation."""
+        return self.dnssec_state is DnssecState.VALIDATING
+
     async def probe_dnssec(self) -> str | None:
         """Check that the resolver validates, as Postfix's ``dnssec_probe``: it must be
         on loopback, and the root's NS RRset must come back with AD set (RFC 4035
-        §3.2.3).  Sets ``validated``; returns None when it does, else why not."""
+        §3.2.3).  Returns None when it does, else why not.  Only an answer changes
+        ``dnssec_state``: a probe that fails (timeout, SERVFAIL) keeps the last verdict,
+        so nobody can switch DANE off by blocking the root's NS lookup for a moment."""
         try:
-            why = await self._probe()
+            state, why = await self._probe()
         finally:
             self._probed.set()
-        if self.validated != (why is None):
-            self._cache.clear()  # answers judged under the other DNSSEC state
-        self.validated = why is None
+        self.dnssec_problem = why
+        if state is not None and state is not self.dnssec_state:
+            self._cache.clear()  # results judged under the other DNSSEC state
+            self.dnssec_state = state
         return why
 
-    async def _probe(self) -> str | None:
+    async def _probe(self) -> tuple[DnssecState | None, str | None]:
         servers = ", ".join(self._dns.nameservers) or "(none)"
         if not self._dns.dnssec:
-            return "DNSSEC was not asked of the resolver"
+            return DnssecState.OFF, "DNSSEC was not asked of the resolver"
         if not self._dns.on_loopback():
-            return (
+            return DnssecState.NOT_VALIDATING, (
                 f"the resolver ({servers}) is not on loopback: its AD bit could be forged on "
                 "the way, so DNSSEC answers cannot be trusted (run a validating resolver such "
                 "as unbound on 127.0.0.1)"
             )
         reply = await self._dns.query(".", "NS")
-        if reply.outcome is not Lookup.ANSWER:
-            return f"the DNSSEC probe ('. NS' at {servers}) failed: {reply.detail}"
-        if not reply.secure:
-            return (
+        if reply.outcome is Lookup.TRANSIENT:
+            return None, f"the DNSSEC probe ('. NS' at {servers}) failed: {reply.detail}"
+        if reply.outcome is not Lookup.ANSWER or not reply.secure:
+            return DnssecState.NOT_VALIDATING, (
                 f"the resolver ({servers}) does not validate DNSSEC: the probe '. NS' came "
                 "back without the AD bit"
             )
-        return None
+        return DnssecState.VALIDATING, None
 
     def _secure(self, reply: Reply) -> bool:
         return self.validated and reply.secure
@@ -179,9 +197,10 @@ class MxResolver:
         cached = self._cache.get(("TLSA", name))
         if isinstance(cached, TlsaSet):
             return cached
+        generation = self._cache.generation
         found, ttl = await self._tlsa(name)
         if found.status is not TlsaStatus.FAILED:
-            self._cache.keep(("TLSA", name), ttl, found)
+            self._cache.keep(("TLSA", name), ttl, found, generation)
         return found
 
     async def _tlsa(self, name: str) -> tuple[TlsaSet, int]:
@@ -222,9 +241,10 @@ class MxResolver:
         cached = self._cache.get(("MX", name))
         if isinstance(cached, MxResult):
             return cached
+        generation = self._cache.generation
         result = await self._resolve(name)
         if result.status is MxStatus.OK:  # failures are asked again next time
-            self._cache.keep(("MX", name), result.ttl, result)
+            self._cache.keep(("MX", name), result.ttl, result, generation)
         return result
 
     async def _resolve(self, name: Domain) -> MxResult:
@@ -362,9 +382,14 @@ class MxResolver:
             rd.to_text() for rd in aaaa.answer or ()
         )
         if addrs:
-            # Secure only if neither reply could have been tampered with (RFC 7672 §2.2.2).
-            secure = self._secure(a) and self._secure(aaaa)
-            return _HostAddrs(addrs, Lookup.ANSWER, "", secure, min(a.ttl, aaaa.ttl))
+            # Secure when every reply that came back was validated (RFC 7672 §2.2.2).  A
+            # failed one (SERVFAIL is also how a validator answers bogus data) must not
+            # make a signed host look unsigned, or breaking AAAA would switch DANE off.
+            answered = [r for r in (a, aaaa) if r.outcome is not Lookup.TRANSIENT]
+            secure = all(self._secure(r) for r in answered)
+            # Half failed: not kept, the next attempt asks again.
+            ttl = min(r.ttl for r in answered) if len(answered) == 2 else 0
+            return _HostAddrs(addrs, Lookup.ANSWER, "", secure, ttl)
         if Lookup.TRANSIENT in (a.outcome, aaaa.outcome):
             detail = a.detail if a.outcome is Lookup.TRANSIENT else aaaa.detail
             return _HostAddrs((), Lookup.TRANSIENT, f"address lookup failed: {detail}")

@@ -112,7 +112,8 @@ def matches(record: Tlsa, cert_der: bytes) -> bool:
     """Does *cert_der* carry the association *record* names (selector + matching)?"""
     try:
         return _digest(_selected(cert_der, record.selector), record.matching) == record.data
-    except ValueError:  # a certificate that cannot be parsed matches nothing
+    except Exception:  # a certificate or key cryptography cannot read
+        # (ValueError, UnsupportedAlgorithm, ...) matches nothing: the peer chose to send it.
         return False
 
 
@@ -134,37 +135,38 @@ class DaneCheck:
 def _load(der: bytes) -> x509.Certificate | None:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError:
+    except Exception:  # unreadable: not a certificate we can use
         return None
 
 
 def _chain_to(
-    anchor: x509.Certificate,
+    anchors: Sequence[x509.Certificate],
     leaf: x509.Certificate,
     sent: Sequence[x509.Certificate],
     name: str,
     at: datetime.datetime,
 ) -> str | None:
-    """Verify *leaf* up to *anchor* (the only trust anchor) for *name* at *at*; None
-    when it does, else the library's reason.  Extensions of the leaf are not judged
-    by the Web PKI rules (a private CA's leaf need not follow the CA/B Forum's
-    profile); CA certificates still must be CAs."""
-    ee_policy = verification.ExtensionPolicy.permit_all().require_present(
-        x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
-    )
+    """Verify *leaf* up to one of *anchors* (the only trust anchors) for *name* at *at*;
+    None when it does, else the library's reason.  Extensions are not judged by the
+    Web PKI rules (a private CA need not follow the CA/B Forum's profile, as OpenSSL's
+    DANE does not ask it to); every issuer must still assert basicConstraints CA, and
+    the leaf must carry a subjectAltName with the name."""
+    policy = verification.ExtensionPolicy.permit_all()
+    agnostic = verification.Criticality.AGNOSTIC
     try:
         verifier = (
             verification.PolicyBuilder()
-            .store(verification.Store([anchor]))
+            .store(verification.Store(list(anchors)))
             .time(at)
             .extension_policies(
-                ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+                ca_policy=policy.require_present(x509.BasicConstraints, agnostic, None),
+                ee_policy=policy.require_present(x509.SubjectAlternativeName, agnostic, None),
             )
             .build_server_verifier(x509.DNSName(name))
         )
         verifier.verify(leaf, list(sent))
-    except (verification.VerificationError, ValueError) as exc:
-        return str(exc).partition(" (encountered")[0]
+    except Exception as exc:  # whatever the library raises is a failure
+        return str(exc).partition(" (encountered")[0] or type(exc).__name__
     return None
 
 
@@ -180,20 +182,18 @@ def _ta_check(
     records: Sequence[Tlsa], chain: Sequence[bytes], names: Sequence[str], at: datetime.datetime
 ) -> DaneCheck | None:
     """DANE-TA(2): None when no record matches a certificate above the leaf."""
-    anchors = [der for der in chain[1:] if any(matches(r, der) for r in records)]
+    matched = [der for der in chain[1:] if any(matches(r, der) for r in records)]
+    anchors = [c for c in (_load(der) for der in matched) if c is not None]
     leaf = _load(chain[0])
     if not anchors or leaf is None:
         return None
-    anchor = _load(anchors[0])
     sent = [c for c in (_load(der) for der in chain[1:]) if c is not None]
-    if anchor is None:
-        return None
     dates = _dates_problem(leaf, at)
     if dates is not None:
         return DaneCheck(False, f"DANE-TA: {dates}", CERTIFICATE_EXPIRED)
     problems = []
     for name in names:
-        problem = _chain_to(anchor, leaf, sent, name, at)
+        problem = _chain_to(anchors, leaf, sent, name, at)
         if problem is None:
             return DaneCheck(True, f"DANE-TA: chain to the TLSA trust anchor, name {name}")
         problems.append(problem)

@@ -49,7 +49,7 @@ class Inputs:
         if policy is None or policy.mode is not Mode.ENFORCE or mx_allowed(policy, host):
             return False
         tlsa = self.tlsa.get(host)
-        return tlsa is None or tlsa.status is not TlsaStatus.SECURE
+        return tlsa is None or not tlsa.usable
 
 
 def _version(req: Requirement) -> str:

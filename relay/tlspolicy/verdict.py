@@ -8,9 +8,10 @@ that MX (:func:`decide` → :class:`Verdict`).  Certificate name matching per RF
 Not: sockets, TLS handshakes, DNS, clocks or logging.  The delivery module performs the
 handshake and reports facts; this module only judges them.  A failed verdict is always a
 reason to defer and try the next MX, never to bounce, never to fall back to plaintext.
-Precedence (SPEC.md, RFC 8461 §2, RFC 7672): a secure TLSA RRset for the MX host makes
-DANE the source for that host - usable records must match the peer, none usable means
-TLS without authentication - and MTA-STS is not consulted for it; otherwise an MTA-STS
+Precedence (SPEC.md, RFC 8461 §2, RFC 7672): a secure TLSA RRset with usable records for
+the MX host makes DANE the source for that host - the peer must match them - and MTA-STS
+is not consulted for it (only unusable records: TLS without authentication, which every
+level demands anyway); otherwise an MTA-STS
 policy in mode enforce raises the requirement to `verify` for the MX host name.  The
 configured level stays a floor under both: DANE adds its check to a `verify` or
 `secure` floor, it never replaces it.
@@ -104,10 +105,10 @@ def requirement(
     mx_secure: bool = False,
 ) -> Requirement:
     """What delivery of mail for *domain* through *mx_host* requires.  The configured
-    level is the floor.  A secure TLSA RRset (*tlsa*) makes DANE the source (RFC 7672;
-    MTA-STS is then not consulted, RFC 8461 §2); otherwise an MTA-STS policy in mode
-    enforce (*sts*) raises the level to a WebPKI-valid certificate for the MX host name
-    (RFC 8461 4.2) - ``verify``.  *mx_secure*: the MX RRset was validated, so the
+    level is the floor.  A secure TLSA RRset with usable records (*tlsa*) makes DANE the
+    source (RFC 7672; MTA-STS is then not consulted, RFC 8461 §2); otherwise an MTA-STS
+    policy in mode enforce (*sts*) raises the level to a WebPKI-valid certificate for
+    the MX host name (RFC 8461 4.2) - ``verify``.  *mx_secure*: the MX RRset was validated, so the
     recipient domain is a DANE-TA name too (RFC 7672 3.2.2).  Whether the MX host is
     allowed at all is the caller's question (mx_allowed).  *domain* and the policy's
     keys and ``match`` entries are all in the one normal form (relay.domains)."""
@@ -120,8 +121,13 @@ def requirement(
         secure_names=tuple(dict.fromkeys(names)),
         source=source,
     )
-    if tlsa is not None and tlsa.status is TlsaStatus.SECURE:
+    if tlsa is not None and tlsa.usable:
         return _dane_requirement(req, domain, tlsa, mx_secure)
+    if tlsa is not None:
+        # Kept for the reason a dane-only refusal gives.  A secure RRset with only
+        # unusable records means TLS without authentication (RFC 7672 3.1.3), which
+        # every level already demands: it neither authenticates nor exempts from MTA-STS.
+        req = dataclasses.replace(req, tlsa=tlsa)
     if sts is None or sts.mode is not Mode.ENFORCE:
         return req
     return dataclasses.replace(
@@ -138,23 +144,15 @@ def requirement(
 def _dane_requirement(
     req: Requirement, domain: Domain, tlsa: TlsaSet, mx_secure: bool
 ) -> Requirement:
+    """DANE for this host: its usable TLSA records must match; the configured level
+    stays the floor beside them."""
     dane_names = (req.mx_host, domain) if mx_secure and domain != req.mx_host else (req.mx_host,)
     floor_text = "" if req.level == TlsLevel.ENCRYPT else f"{req.source} and "
-    if tlsa.usable:
-        return dataclasses.replace(
-            req,
-            level=max(req.level, TlsLevel.DANE),
-            floor=req.level,
-            source=f"{floor_text}DANE TLSA at {tlsa.name}",
-            policy_source=PolicySource.DANE,
-            tlsa=tlsa,
-            dane_names=dane_names,
-        )
-    # RFC 7672 3.1.3: only unusable records - TLS is mandatory, not authenticated; the
-    # floor (never below encrypt) already says that.  dane-only still wants a match.
     return dataclasses.replace(
         req,
-        source=f"{floor_text}DANE TLSA at {tlsa.name} (no usable record: TLS required)",
+        level=max(req.level, TlsLevel.DANE),
+        floor=req.level,
+        source=f"{floor_text}DANE TLSA at {tlsa.name}",
         policy_source=PolicySource.DANE,
         tlsa=tlsa,
         dane_names=dane_names,
@@ -305,7 +303,10 @@ def precheck(req: Requirement) -> Verdict | None:
     never be met (RFC 8460 ``dane-required``), so no connection is made at all."""
     if req.level >= TlsLevel.DANE and (req.tlsa is None or not req.tlsa.usable):
         if req.tlsa is None:
-            found = "not looked up: DANE is off or the host's addresses are not secure"
+            found = (
+                "not looked up: DANE is off, the host's addresses are not DNSSEC-secure, "
+                "or the domain is routed"
+            )
         elif req.tlsa.status is TlsaStatus.SECURE:
             found = f"{len(req.tlsa.records)} record(s), none usable (DANE-TA or DANE-EE)"
         else:

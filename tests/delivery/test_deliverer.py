@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from relay.app import new_deliverer
 from relay.config import DeliveryConfig, DomainPolicy, PolicyConfig, Route, RouteAuth, TlsLevel
 from relay.delivery.deliverer import Deliverer
-from relay.delivery.mx import MxHost, MxResult, MxStatus
+from relay.delivery.mx import DnssecState, MxHost, MxResult, MxStatus
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import SessionPool
 from relay.metrics import Metrics
@@ -63,6 +63,7 @@ class FakeResolver:
         self.hosts = dict(hosts or {})
         self.tlsa_sets = dict(tlsa or {})  # host -> TLSA; any entry makes DNSSEC "on"
         self.validated = bool(self.tlsa_sets)
+        self.dnssec_state = DnssecState.VALIDATING if self.validated else DnssecState.OFF
 
     async def ready(self) -> None:
         return None

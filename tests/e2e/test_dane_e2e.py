@@ -199,7 +199,7 @@ def test_unusable_only_tlsa_means_tls_without_authentication(
     send(proc, "a@dane.test")
     assert [m.recipient for m in peer.wait_messages(1, timeout=30)] == ["a@dane.test"]
     (line,) = delivery_lines(proc, rcpt="a@dane.test", outcome="delivered")
-    assert "policy=dane" in line and "level_required=encrypt" in line
+    assert "policy=static" in line and "level_required=encrypt" in line
 
 
 def test_insecure_delegation_ignores_its_tlsa(

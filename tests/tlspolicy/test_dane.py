@@ -133,3 +133,22 @@ def test_dane_ta_rejects_a_leaf_from_another_issuer(chain: tuple[bytes, bytes]) 
 
 def test_garbage_certificate_matches_nothing() -> None:
     assert not matches(Tlsa(3, 1, 1, b"\x00" * 32), b"not a certificate")
+
+
+def test_dane_ta_tries_every_matching_anchor(chain: tuple[bytes, bytes]) -> None:
+    """A TA record for a certificate the peer sent but that is not its issuer must not
+    hide the one that is (both are in the chain as sent)."""
+    leaf, inter = chain
+    unrelated = der(trustme.CA().cert_pem.bytes())
+    records = (Tlsa(2, 1, 1, sha256_spki(unrelated)), Tlsa(2, 1, 1, sha256_spki(inter)))
+    assert authenticate(records, (leaf, unrelated, inter), MX, NOW).ok
+
+
+def test_an_unreadable_certificate_in_the_chain_is_a_failure_not_an_exception(
+    chain: tuple[bytes, bytes],
+) -> None:
+    leaf, inter = chain
+    garbage = b"\x30\x03\x02\x01\x00"  # DER, but no certificate
+    got = authenticate((Tlsa(2, 0, 0, garbage),), (leaf, garbage), MX, NOW)
+    assert (got.ok, got.result_type) == (False, "tlsa-invalid")
+    assert not authenticate((Tlsa(2, 1, 1, sha256_spki(inter)),), (garbage,), MX, NOW).ok

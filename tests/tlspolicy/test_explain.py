@@ -94,7 +94,7 @@ def test_mx_hosts_level_and_source(cfg: config.Config) -> None:
     assert any("example.test, .example.test, mail.partner.test" in line for line in lines)
     assert "MTA-STS: no policy (no _mta-sts TXT record, or mode none)" in text
     # The DNS fixture does not validate: the probe says so and DANE stays off.
-    assert "DANE: off: the DNSSEC probe ('. NS' at 127.0.0.1) failed" in text
+    assert "DANE: off: the resolver (127.0.0.1) does not validate DNSSEC" in text
     assert "  mx1.example.test: level secure (source static: static policy" in text
 
 
@@ -216,7 +216,7 @@ def test_cli_policy_json_with_a_cached_mta_sts_policy(
     mx2 = hosts["mx2.example.test"]
     assert (mx2["skipped"], mx2["level"], mx2["source"]) == (False, "secure", "mta-sts")
     assert doc["dane"]["enabled"] is True and doc["dane"]["active"] is False
-    assert "the DNSSEC probe" in doc["dane"]["not_active_because"]
+    assert "does not validate DNSSEC" in doc["dane"]["not_active_because"]
     assert mx2["tlsa"] is None and mx2["dnssec_secure"] is False
 
 

@@ -97,12 +97,14 @@ def test_the_configured_floor_stays_under_dane() -> None:
     assert req.source.startswith("static policy domains['verify.test'] and DANE TLSA")
 
 
-def test_unusable_only_rrset_means_tls_without_authentication() -> None:
-    req = requirement(
-        POLICY, "example.test", "mx1.example.test", ENFORCE, secure(Tlsa(1, 1, 1, b"x"))
-    )
-    assert (req.level, req.policy_source, req.mx_name_required) == (E, PolicySource.DANE, False)
-    assert "no usable record: TLS required" in req.source
+def test_unusable_only_rrset_neither_authenticates_nor_exempts_from_mta_sts() -> None:
+    """RFC 7672 3.1.3: TLS without authentication, which every level asks anyway; an
+    MTA-STS enforce policy still applies to such a host (only usable DANE replaces it)."""
+    unusable = secure(Tlsa(1, 1, 1, b"x"))
+    req = requirement(POLICY, "example.test", "mx1.example.test", ENFORCE, unusable)
+    assert (req.level, req.policy_source, req.mx_name_required) == (V, PolicySource.MTA_STS, True)
+    plain = requirement(POLICY, "example.test", "mx1.example.test", None, unusable)
+    assert (plain.level, plain.policy_source, plain.tlsa) == (E, PolicySource.STATIC, unusable)
 
 
 @pytest.mark.parametrize("status", [TlsaStatus.ABSENT, TlsaStatus.INSECURE])
