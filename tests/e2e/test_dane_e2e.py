@@ -158,14 +158,22 @@ def _deferred_rcpt(proc: RelayProcess, rcpt: str) -> dict[str, Any] | None:
 # ---- DANE-TA ---------------------------------------------------------------------------------
 
 
-def test_dane_ta_with_the_mx_name_delivers(
-    relay: RelayFactory, dnssec_lab: DnssecLabFactory, peer: PostfixMx
-) -> None:
-    lab = dnssec_lab(secure=mx_records("dane.test", MX, peer.port, ta_tlsa(peer)))
+def delivered_line(
+    relay: RelayFactory, dnssec_lab: DnssecLabFactory, peer: PostfixMx, tlsa: str
+) -> str:
+    """Deliver one message to dane.test (MX mx.dane.test with *tlsa*); its log line."""
+    lab = dnssec_lab(secure=mx_records("dane.test", MX, peer.port, tlsa))
     proc = start_relay(relay, lab, peer)
     send(proc, "a@dane.test")
     assert [m.recipient for m in peer.wait_messages(1, timeout=30)] == ["a@dane.test"]
     (line,) = delivery_lines(proc, rcpt="a@dane.test", outcome="delivered")
+    return line
+
+
+def test_dane_ta_with_the_mx_name_delivers(
+    relay: RelayFactory, dnssec_lab: DnssecLabFactory, peer: PostfixMx
+) -> None:
+    line = delivered_line(relay, dnssec_lab, peer, ta_tlsa(peer))
     assert "policy=dane" in line and "level_met=dane" in line
 
 
@@ -194,11 +202,7 @@ def test_unusable_only_tlsa_means_tls_without_authentication(
     relay: RelayFactory, dnssec_lab: DnssecLabFactory, peer: PostfixMx
 ) -> None:
     pkix_ee = "1 1 1 " + spki_sha256(served_chain(peer)[0])
-    lab = dnssec_lab(secure=mx_records("dane.test", MX, peer.port, pkix_ee))
-    proc = start_relay(relay, lab, peer)
-    send(proc, "a@dane.test")
-    assert [m.recipient for m in peer.wait_messages(1, timeout=30)] == ["a@dane.test"]
-    (line,) = delivery_lines(proc, rcpt="a@dane.test", outcome="delivered")
+    line = delivered_line(relay, dnssec_lab, peer, pkix_ee)
     assert "policy=static" in line and "level_required=encrypt" in line
 
 
