@@ -1,7 +1,8 @@
 """Certificates: generate a self-signed pair for a first run, and check a configured pair.
 
-Role: ``gen_cert`` writes an ECDSA P-256 certificate (SAN = hostname) and its key for a
-lab; ``check_pair`` lists what is wrong with a configured cert/key so the config loader
+Role: ``gen_cert`` writes a self-signed ECDSA P-256 (or RSA 2048) certificate (SAN =
+hostname and any IP addresses; key usage, EKU serverAuth, key identifiers) and its key
+for a lab; ``check_pair`` lists what is wrong with a configured cert/key so the config loader
 can report it; ``fingerprint_sha256`` formats a DER fingerprint the way openssl does.
 Not: building ``ssl.SSLContext`` objects (relay.intake.tlscontext), or trusting anything.
 """
@@ -10,18 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay.errors import CertificateError
 from relay.safeio import atomic_write
 
-VALIDITY = dt.timedelta(days=365)
+VALIDITY = dt.timedelta(days=365)  # gen-cert's lifetime (said in its --help)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
 
 
@@ -32,19 +35,41 @@ def fingerprint_sha256(der: bytes) -> str:
     return ":".join(f"{b:02X}" for b in digest.finalize())
 
 
-def _san_for(hostname: str) -> list[x509.GeneralName]:
+def _sans(hostname: str, ips: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    addresses = list(ips)
     try:
-        ip = ipaddress.ip_address(hostname)
+        ipaddress.ip_address(hostname)
+        addresses.insert(0, hostname)
     except ValueError:
-        return [x509.DNSName(hostname)]
-    # RFC 6125: an IP literal is matched against an iPAddress SAN, never a dNSName.
-    return [x509.DNSName(hostname), x509.IPAddress(ip)]
+        pass
+    for text in dict.fromkeys(addresses):
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise CertificateError(f"gen-cert: --ip {text!r} is not an IP address") from None
+        # RFC 6125: an IP literal is matched against an iPAddress SAN, never a dNSName.
+        names.append(x509.IPAddress(address))
+    return names
 
 
-def _build_cert(hostname: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def _build_cert(hostname: str, key: PrivateKey, ips: Sequence[str]) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    rsa_key = isinstance(key, rsa.RSAPrivateKey)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key,  # RSA key exchange (TLS 1.2 clients without ECDHE)
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -53,25 +78,40 @@ def _build_cert(hostname: str, key: ec.EllipticCurvePrivateKey) -> x509.Certific
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(_san_for(hostname)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(hostname, ips)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .add_extension(ski, critical=False)
+        # Self-signed: the authority is the certificate's own key (RFC 5280 4.2.1.1).
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
 
 
-def gen_cert(hostname: str, out: Path) -> tuple[Path, Path]:
-    """Write ``out/cert.pem`` and ``out/key.pem`` (mode 0600); return their paths."""
+def gen_cert(
+    hostname: str, out: Path, ips: Sequence[str] = (), rsa_key: bool = False
+) -> tuple[Path, Path]:
+    """Write ``out/cert.pem`` and ``out/key.pem`` (mode 0600) - or, with *rsa_key*, an
+    RSA 2048 pair ``out/rsa-cert.pem`` and ``out/rsa-key.pem`` for ``tls.rsa_cert`` -
+    valid for ``VALIDITY``; *ips* become iPAddress SANs.  Return the two paths."""
     if not hostname or any(ch.isspace() for ch in hostname):
         raise CertificateError(f"gen-cert: not a usable host name (got {hostname!r})")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _build_cert(hostname, key)
+    key: PrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if rsa_key
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    cert = _build_cert(hostname, key, ips)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    cert_path, key_path = out / "cert.pem", out / "key.pem"
+    prefix = "rsa-" if rsa_key else ""
+    cert_path, key_path = out / f"{prefix}cert.pem", out / f"{prefix}key.pem"
     try:
         out.mkdir(parents=True, exist_ok=True)
         # Key first: a cert.pem without its key would look like a finished pair.
@@ -147,6 +187,19 @@ def pair_problems(cert: Path, key: Path, now: dt.datetime | None = None) -> list
     if private is not None and _public_der(private) != _public_der(certificate):
         problems.append(("key", "key does not match the certificate"))
     return problems
+
+
+def key_kind(cert: Path) -> str:
+    """ "RSA", "ECDSA", "Ed25519", ... for the (first) certificate in *cert*."""
+    try:
+        public = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    except (OSError, ValueError, UnsupportedAlgorithm):
+        return "an unreadable key"
+    if isinstance(public, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return "ECDSA"
+    return type(public).__name__.removesuffix("PublicKey") or "another kind of key"
 
 
 def check_pair(cert: Path, key: Path, now: dt.datetime | None = None) -> list[str]:

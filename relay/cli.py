@@ -74,9 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true")
     _add_config(q)
 
-    p = sub.add_parser("gen-cert", help="self-signed ECDSA P-256 certificate and key")
+    p = sub.add_parser(
+        "gen-cert",
+        help="self-signed ECDSA P-256 certificate and key, valid 365 days",
+        description="A self-signed certificate for a lab or a first run, valid 365 days.",
+    )
     p.add_argument("--hostname", default="localhost")
     p.add_argument("--out", default=".", help="directory for cert.pem and key.pem")
+    p.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an IP address the certificate is also valid for (repeatable)",
+    )
+    p.add_argument(
+        "--rsa",
+        action="store_true",
+        help="RSA 2048 instead, as rsa-cert.pem / rsa-key.pem (tls.rsa_cert / tls.rsa_key)",
+    )
 
     p = sub.add_parser("passwd", help="add or change a user in the users file")
     p.add_argument("user")
@@ -100,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "gen-cert":
         from relay import certs
 
-        cert, key = certs.gen_cert(args.hostname, Path(args.out))
-        print(f"wrote {cert} and {key} (ECDSA P-256, SAN {args.hostname})")
+        cert, key = certs.gen_cert(args.hostname, Path(args.out), args.ip, args.rsa)
+        kind = "RSA 2048" if args.rsa else "ECDSA P-256"
+        sans = ", ".join([args.hostname, *args.ip])
+        days = certs.VALIDITY.days
+        print(f"wrote {cert} and {key} ({kind}, SAN {sans}, valid {days} days)")
         return 0
     path = config_path(args)
     if cmd in ("serve", "check-config"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from relay import certs
 from relay.config import ServerTls
@@ -125,3 +125,36 @@ def test_fingerprint_matches_openssl_format(tmp_path: Path) -> None:
         "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:"
         "27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
     )
+
+
+def test_gen_cert_extensions_as_a_ca_would_write_them(tmp_path: Path) -> None:
+    """SubjectKeyIdentifier, AuthorityKeyIdentifier (= its own key: self-signed),
+    KeyUsage and ExtendedKeyUsage serverAuth, as strict clients expect."""
+    cert = _load(certs.gen_cert("relay.test", tmp_path, ips=["192.0.2.7", "::1"])[0])
+    ext = cert.extensions
+    ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    usage = ext.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
+    eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
+    san = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("192.0.2.7"),
+        ipaddress.ip_address("::1"),
+    ]
+    with pytest.raises(CertificateError, match="--ip 'nope' is not an IP address"):
+        certs.gen_cert("relay.test", tmp_path, ips=["nope"])
+
+
+def test_gen_cert_rsa_pair_beside_the_ecdsa_one(tmp_path: Path) -> None:
+    ec_cert, _ = certs.gen_cert("relay.test", tmp_path)
+    cert_path, key_path = certs.gen_cert("relay.test", tmp_path, rsa_key=True)
+    assert (cert_path.name, key_path.name) == ("rsa-cert.pem", "rsa-key.pem")
+    public = _load(cert_path).public_key()
+    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+    usage = _load(cert_path).extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_encipherment
+    assert (certs.key_kind(cert_path), certs.key_kind(ec_cert)) == ("RSA", "ECDSA")
+    assert certs.check_pair(cert_path, key_path) == []

@@ -86,20 +86,60 @@ def _listener_tls(ctx: check.Ctx, where: str, raw: Any) -> ListenerTls | None:
 
 
 def _server_tls(ctx: check.Ctx, raw: Any) -> ServerTls | None:
-    data = check.mapping(ctx, "tls", raw, ("cert", "key", "min_version"), ("cert", "key"))
+    known = ("cert", "key", "min_version", "rsa_cert", "rsa_key")
+    data = check.mapping(ctx, "tls", raw, known, ("cert", "key"))
     if data is None:
         return None
-    cert = check.string(ctx, "tls.cert", data["cert"]) if "cert" in data else None
-    key = check.string(ctx, "tls.key", data["key"]) if "key" in data else None
     version = check.tls_version(ctx, "tls.min_version", data.get("min_version", "TLSv1.2"))
+    main = _tls_pair(ctx, data, "cert", "key")
+    rsa = _tls_pair(ctx, data, "rsa_cert", "rsa_key") if _rsa_keys(ctx, data) else None
+    if main is not None and rsa is not None:
+        _check_key_types(ctx, data, main[0], rsa[0])
+    if main is None or version is None:
+        return None
+    rsa_cert, rsa_key = rsa if rsa is not None else (None, None)
+    return ServerTls(main[0], main[1], version, rsa_cert, rsa_key)
+
+
+def _rsa_keys(ctx: check.Ctx, data: Mapping[str, Any]) -> bool:
+    """tls.rsa_cert and tls.rsa_key come together; True when both are there."""
+    given = [k for k in ("rsa_cert", "rsa_key") if k in data]
+    if len(given) == 1:
+        other = "rsa_key" if given[0] == "rsa_cert" else "rsa_cert"
+        ctx.add(f"tls.{other}", f"required with tls.{given[0]}", check.MISSING)
+    return len(given) == 2
+
+
+def _tls_pair(
+    ctx: check.Ctx, data: Mapping[str, Any], cert_key: str, key_key: str
+) -> tuple[Path, Path] | None:
+    cert = check.string(ctx, f"tls.{cert_key}", data[cert_key]) if cert_key in data else None
+    key = check.string(ctx, f"tls.{key_key}", data[key_key]) if key_key in data else None
     if cert is None or key is None:
         return None
     cert_path, key_path = ctx.path(cert), ctx.path(key)
-    for which, problem in certs.pair_problems(cert_path, key_path):
-        ctx.add(f"tls.{which}", problem, data[which])
-    if version is None:
-        return None
-    return ServerTls(cert=cert_path, key=key_path, min_version=version)
+    names = {"cert": cert_key, "key": key_key}
+    problems = certs.pair_problems(cert_path, key_path)
+    for which, problem in problems:
+        ctx.add(f"tls.{names[which]}", problem, data[names[which]])
+    return None if problems else (cert_path, key_path)
+
+
+def _check_key_types(ctx: check.Ctx, data: Mapping[str, Any], main: Path, rsa: Path) -> None:
+    """OpenSSL keeps one certificate per key type: the RSA pair must be RSA, and the
+    first one something else, or one would silently replace the other."""
+    if certs.key_kind(rsa) != "RSA":
+        ctx.add(
+            "tls.rsa_cert",
+            f"must hold an RSA key (it holds {certs.key_kind(rsa)})",
+            data["rsa_cert"],
+        )
+    elif certs.key_kind(main) == "RSA":
+        ctx.add(
+            "tls.cert",
+            "is an RSA certificate too; with tls.rsa_cert it must be ECDSA (one per key type)",
+            data["cert"],
+        )
 
 
 def _clients(ctx: check.Ctx, raw: Any) -> Clients:

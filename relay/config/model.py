@@ -62,6 +62,10 @@ class ServerTls:
     cert: Path
     key: Path
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    # A second pair for clients that only do RSA (old printers); OpenSSL serves the one
+    # the client can use.  Both set or neither.
+    rsa_cert: Path | None = None
+    rsa_key: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ def summary(cfg: Config, dane: str | None = None) -> str:
         f"{cfg.source}: OK",
         f"hostname: {cfg.hostname}",
         "listeners: " + ", ".join(f"{x.address} ({x.tls.value})" for x in cfg.listeners),
-        f"tls: {cfg.tls.cert} (minimum {cfg.tls.min_version.name.replace('_', '.')})",
+        f"tls: {cfg.tls.cert}"
+        + (f" and RSA {cfg.tls.rsa_cert}" if cfg.tls.rsa_cert else "")
+        + f" (minimum {cfg.tls.min_version.name.replace('_', '.')})",
         f"clients: {nets} network{'s' if nets != 1 else ''} may relay; users file {users_file}",
         f"spool: {cfg.spool.path}",
         "workers: " + ("auto (one per usable CPU)" if cfg.workers is None else str(cfg.workers)),

@@ -28,10 +28,14 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
     ctx.set_ciphers(SERVER_CIPHERS)
-    try:
-        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise CertificateError(
-            f"cannot load certificate {tls.cert} with key {tls.key}: {exc}"
-        ) from exc
+    pairs = [(tls.cert, tls.key)]
+    if tls.rsa_cert is not None and tls.rsa_key is not None:
+        # OpenSSL keeps one certificate per key type and serves the one the client's
+        # signature algorithms and ciphers allow: ECDSA first, RSA for RSA-only clients.
+        pairs.append((tls.rsa_cert, tls.rsa_key))
+    for cert, key in pairs:
+        try:
+            ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise CertificateError(f"cannot load certificate {cert} with key {key}: {exc}") from exc
     return ctx

@@ -343,3 +343,34 @@ def test_bundled_config_is_valid(tmp_path: Path) -> None:
     assert cfg.queue.retry == (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
     assert cfg.policy.default.level == TlsLevel.ENCRYPT
     assert cfg.policy.mta_sts and cfg.policy.dane
+
+
+def test_an_rsa_pair_beside_the_ecdsa_one(tmp_path: Path) -> None:
+    """tls.rsa_cert / tls.rsa_key (issue 15): checked like the first pair, both or
+    neither, RSA beside a non-RSA first certificate (OpenSSL keeps one per key type)."""
+    ec_pair = certs.gen_cert("relay.test", tmp_path / "c")
+    rsa_pair = certs.gen_cert("relay.test", tmp_path / "c", rsa_key=True)
+    both = {"cert": str(ec_pair[0]), "key": str(ec_pair[1])}
+    both |= {"rsa_cert": str(rsa_pair[0]), "rsa_key": str(rsa_pair[1])}
+    cfg = config.load(write_config(tmp_path, ec_pair, tls=both))
+    assert (cfg.tls.rsa_cert, cfg.tls.rsa_key) == rsa_pair
+    cases = {
+        "only one": ({**both, "rsa_key": None}, "tls.rsa_key: required with tls.rsa_cert"),
+        "ecdsa as rsa": (
+            {**both, "rsa_cert": str(ec_pair[0]), "rsa_key": str(ec_pair[1])},
+            "tls.rsa_cert: must hold an RSA key (it holds ECDSA)",
+        ),
+        "two rsa": (
+            {**both, "cert": str(rsa_pair[0]), "key": str(rsa_pair[1])},
+            "tls.cert: is an RSA certificate too",
+        ),
+        "mismatch": (
+            {**both, "rsa_key": str(ec_pair[1])},
+            "tls.rsa_key: key does not match the certificate",
+        ),
+    }
+    for name, (tls, expected) in cases.items():
+        tls = {k: v for k, v in tls.items() if v is not None}
+        with pytest.raises(ConfigError) as info:
+            config.load(write_config(tmp_path, ec_pair, tls=tls))
+        assert any(expected in p for p in info.value.problems), (name, info.value.problems)
