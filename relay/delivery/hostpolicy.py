@@ -49,7 +49,10 @@ async def dane_hosts(
     deferred: never tried without the DANE it may publish."""
     progress.mx_secure = mx_secure
     secure = [mx for mx in hosts if mx.secure]
-    found = await asyncio.gather(*(resolver.tlsa(mx.name, port) for mx in secure))
+    if len(secure) == 1:  # the common case: no task per message just to run one lookup
+        found = [await resolver.tlsa(secure[0].name, port)]
+    else:
+        found = await asyncio.gather(*(resolver.tlsa(mx.name, port) for mx in secure))
     usable: list[MxHost] = []
     for mx in hosts:
         tlsa = found[secure.index(mx)] if mx.secure else None
