@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from relay import log as relaylog
 from relay import workers
+from relay.audit.trail import AuditTrail
 from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import DnssecState, MxResolver
@@ -189,6 +190,10 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     )
     sts = mta_sts(cfg, resolver) if cfg.policy.mta_sts else None
     deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics, sts)
+    audit = None
+    if cfg.audit is not None and cfg.audit.enabled:
+        audit = AuditTrail(cfg.audit.path)
+        audit.setup()
     scheduler = Scheduler(
         spool,
         deliverer,
@@ -197,6 +202,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         concurrency=cfg.delivery.concurrency,
         metrics=metrics,
         shard=(worker.index, worker.count) if worker is not None else (0, 1),
+        audit=audit,
     )
     app = App(
         cfg=cfg,

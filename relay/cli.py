@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     _add_config(p)
 
+    p = sub.add_parser("audit", help="list the TLS audit trail, or verify its hash chain")
+    p.add_argument("action", nargs="?", choices=["verify"], help="verify the hash chain")
+    p.add_argument("--since", type=_day, metavar="YYYY-MM-DD", help="records from this UTC day")
+    p.add_argument("--domain", help="records for recipients in this domain")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_config(p)
+
     p = sub.add_parser("queue", help="inspect and manage the spool")
     _add_config(p)
     qsub = p.add_subparsers(dest="queue_command", required=True)
@@ -155,7 +162,21 @@ def run(args: argparse.Namespace) -> int:
         from relay.queue import cli as queue_cli
 
         return queue_cli.run(cfg, args)
+    if cmd == "audit":
+        from relay.audit import cli as audit_cli
+
+        return audit_cli.run(cfg, args)
     raise AssertionError(f"unhandled command {cmd}")
+
+
+def _day(text: str) -> str:
+    """argparse type for YYYY-MM-DD."""
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day as YYYY-MM-DD: {text!r}") from None
 
 
 def _dane_line(cfg: Config) -> str:

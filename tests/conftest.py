@@ -29,6 +29,14 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    """The test CA's certificate as a PEM file (`delivery.ca_file` for MX peers)."""
+    path = tmp_path / "mx-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
 def server_cert(ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(cert.pem, key.pem) for 'localhost' signed by the test CA."""
     cert = ca.issue_cert("localhost", "127.0.0.1")

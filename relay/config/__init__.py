@@ -15,6 +15,7 @@ time - the parts that use a setting decide what it means.
 
 from relay.config.load import load, load_policy, load_users_file_path
 from relay.config.model import (
+    AuditConfig,
     Clients,
     Config,
     DeliveryConfig,
@@ -36,6 +37,7 @@ from relay.config.model import (
 from relay.config.summary import summary
 
 __all__ = [
+    "AuditConfig",
     "Clients",
     "Config",
     "DeliveryConfig",

@@ -18,6 +18,7 @@ from typing import Any
 from relay import certs
 from relay.config import checks as check
 from relay.config import delivery as delivery_section
+from relay.config import evidence as evidence_section
 from relay.config import policy as policy_section
 from relay.config import units
 from relay.config.model import (
@@ -281,6 +282,7 @@ _TOP_KEYS = (
     "delivery",
     "policy",
     "metrics",
+    "audit",
     "log_level",
     "workers",
 )
@@ -317,6 +319,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
     delivery = delivery_section.section(ctx, data.get("delivery", {}))
     policy = policy_section.section(ctx, data["policy"]) if "policy" in data else PolicyConfig()
     metrics = _metrics(ctx, data["metrics"]) if "metrics" in data else None
+    audit = evidence_section.audit(ctx, data.get("audit", {}), spool.path if spool else None)
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
     workers = _workers(ctx, data["workers"], metrics is not None) if "workers" in data else 1
     _route_auth_levels(ctx, delivery, policy)
@@ -334,6 +337,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
         delivery=delivery,
         policy=policy,
         metrics=metrics,
+        audit=audit,
         log_level=log_level,
         workers=workers,
     )

@@ -171,6 +171,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The per-delivery TLS audit trail: one hash-chained JSON line per delivered
+    recipient, in ``path/YYYY-MM-DD.jsonl`` (relay.audit)."""
+
+    path: Path
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     hostname: str
@@ -183,5 +192,6 @@ class Config:
     delivery: DeliveryConfig
     policy: PolicyConfig
     metrics: MetricsConfig | None = None
+    audit: AuditConfig | None = None  # None only where a Config is built by hand
     log_level: str = "INFO"
     workers: int | None = 1  # serve processes; None = "auto", one per usable CPU

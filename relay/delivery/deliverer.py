@@ -252,7 +252,7 @@ class Deliverer:
                 return
             session, verdict, reused = got
         session.messages += 1
-        groups = progress.record(pending, result, session)
+        groups = progress.record(pending, result, session, req, verdict)
         for (status, reason), indexes in groups.items():
             log_attempt(progress, indexes, status, reason, target, req, session.observed, verdict)
         await self._release(key, session, result.reusable and result.session_error is None)

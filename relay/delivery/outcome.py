@@ -33,6 +33,19 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """How the session that carried a recipient was protected: what the audit trail
+    (relay.audit) records for every delivered recipient."""
+
+    tls_version: str | None
+    cipher: str | None
+    cert_sha256: str | None  # of the MX's certificate
+    level_required: str  # "encrypt" ... "dane-only"
+    level_met: str | None
+    policy_source: str  # static | mta-sts | dane
+
+
+@dataclass(frozen=True)
 class Outcome:
     recipient: str
     status: Status
@@ -41,6 +54,7 @@ class Outcome:
     mx_ip: str | None = None
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     reply: str | None = None  # the MX's own reply ("550 5.1.1 text"), when there was one
+    evidence: Evidence | None = None  # set when an MX session carried the attempt
 
 
 def reply_text(code: int, message: str, target: Target) -> str:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from relay.config import TlsLevel
-from relay.delivery.outcome import Outcome, Status
+from relay.delivery.outcome import Evidence, Outcome, Status
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.transaction import TxResult
 from relay.log import event
@@ -50,11 +50,25 @@ class Progress:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
 
     def record(
-        self, pending: list[int], result: TxResult, session: OutboundSession
+        self,
+        pending: list[int],
+        result: TxResult,
+        session: OutboundSession,
+        req: Requirement,
+        verdict: Verdict,
     ) -> dict[tuple[Status, str], list[int]]:
         """Store a transaction's decisions; recipients grouped by (status, reason)."""
         groups: dict[tuple[Status, str], list[int]] = {}
         target = session.target
+        obs = session.observed
+        evidence = Evidence(
+            obs.tls_version,
+            obs.cipher,
+            obs.cert_fingerprint,
+            req.level.label,
+            verdict.level_met.label if verdict.level_met is not None else None,
+            req.policy_source.value,
+        )
         for j, decision in result.decided.items():
             i = pending[j]
             address = self.recipients[i][0]
@@ -66,6 +80,7 @@ class Progress:
                 target.ip,
                 session.tls,
                 decision.reply,
+                evidence,
             )
             groups.setdefault((decision.status, decision.reason), []).append(i)
         if result.session_error is not None:

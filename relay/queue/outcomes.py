@@ -15,17 +15,20 @@ SMTP (relay.delivery), or the DSN's format (relay.queue.bounce).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from relay.audit.trail import AuditError, AuditTrail
 from relay.config import QueueConfig
 from relay.delivery.outcome import Outcome, Status
 from relay.domains import Domain, domain_of
 from relay.errors import InvalidDomain, SpoolError
 from relay.log import event
+from relay.mailformat import header_value
 from relay.metrics import Metrics
 from relay.queue import bounce, retry
 from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, RcptState, Recipient
@@ -65,6 +68,7 @@ class PassContext:
     metrics: Metrics
     slots: asyncio.Semaphore  # concurrent domain deliveries, across messages
     enqueue: Callable[[str], None]  # a stored DSN is a new message
+    audit: AuditTrail | None = None  # evidence of each delivered recipient, written first
 
 
 @dataclass
@@ -78,6 +82,7 @@ class DeliveryPass:
     to_bounce: list[Recipient] = field(default_factory=list)
     write_failed: bool = False
     notices_failed: bool = False  # a DSN could not be stored: its recipients stay pending
+    message_id: str | None = None  # read from the data when the first audit record is made
 
     async def run(self, due: list[Recipient]) -> None:
         """Deliver *due*, record every outcome, store DSNs and a delay warning."""
@@ -103,7 +108,9 @@ class DeliveryPass:
         await self._record(domain, rcpts, outcomes)
 
     async def _record(self, domain: str, rcpts: list[Recipient], outcomes: list[Outcome]) -> None:
-        """Apply *outcomes* and make them durable at once, one domain at a time."""
+        """Apply *outcomes* and make them durable at once, one domain at a time; the
+        audit records of the delivered ones go to disk before any of that."""
+        await self._audit(outcomes)
         async with self.guard:
             now = self.ctx.clock()
             for rcpt, outcome in zip(rcpts, outcomes, strict=True):
@@ -122,6 +129,24 @@ class DeliveryPass:
                     domain=domain,
                     error=exc,
                 )
+
+    async def _audit(self, outcomes: list[Outcome]) -> None:
+        """Audit lines first: a crash after them may repeat one, never lose one.  A trail
+        that cannot be written does not undo a delivery the MX accepted: the records go
+        to the log at ERROR instead, and the recipients are recorded as delivered."""
+        trail = self.ctx.audit
+        delivered = [o for o in outcomes if o.status is Status.DELIVERED]
+        if trail is None or not delivered:
+            return
+        if self.message_id is None:
+            self.message_id = header_value(self.data, "Message-ID") or ""
+        now = self.ctx.clock()
+        records = [audit_record(self.env, o, self.message_id, now) for o in delivered]
+        try:
+            await trail.append(records)
+        except AuditError as exc:
+            for record in records:
+                event(log, "audit_write_failed", logging.ERROR, error=exc, record=record)
 
     async def _call_deliverer(self, domain: Domain, rcpts: list[Recipient]) -> list[Outcome]:
         env = self.env
@@ -285,3 +310,25 @@ async def off_loop(fn: Callable[..., T], *args: object) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def audit_record(env: QueueEnvelope, o: Outcome, message_id: str, now: float) -> dict[str, Any]:
+    """The audit trail's record of one delivered recipient (relay.audit.trail)."""
+    ev = o.evidence
+    when = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds")
+    return {
+        "time": when.replace("+00:00", "Z"),
+        "queue_id": env.id,
+        "message_id": message_id or None,
+        "sender": env.sender,
+        "recipient": o.recipient,
+        "mx_host": o.mx_host,
+        "mx_ip": o.mx_ip,
+        "tls_version": ev.tls_version if ev else None,
+        "cipher": ev.cipher if ev else None,
+        "cert_sha256": ev.cert_sha256 if ev else None,
+        "level_required": ev.level_required if ev else None,
+        "level_met": ev.level_met if ev else None,
+        "policy_source": ev.policy_source if ev else None,
+        "reply": o.reply,
+    }

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable
 
+from relay.audit.trail import AuditTrail
 from relay.config import QueueConfig
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.log import event
@@ -56,6 +57,7 @@ class Scheduler:
         concurrency: int = 200,
         metrics: Metrics | None = None,
         shard: tuple[int, int] = (0, 1),
+        audit: AuditTrail | None = None,
     ) -> None:
         # One of several worker processes (relay.workers): the supervisor recovered
         # the spool; rescans take only this shard's messages; own control socket.
@@ -92,6 +94,7 @@ class Scheduler:
             self.metrics,
             asyncio.Semaphore(self.concurrency),  # concurrent domain deliveries
             self.enqueue,
+            audit,
         )
 
     # -- public -------------------------------------------------------------------

@@ -85,13 +85,6 @@ class FakeResolver:
         return self.hosts.get(host, ())
 
 
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 def make_cfg(port: int, ca_file: Path, **kw: object) -> DeliveryConfig:
     base = DeliveryConfig(
         port=port, ca_file=ca_file, connect_timeout=5, command_timeout=10, attempt_deadline=30

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.e2e.test_queue_e2e import queue_json, wait_for
 from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, _Server
@@ -67,13 +66,6 @@ def delivery_config(
         "policy": policy or {"default": {"level": "verify"}},
         "queue": {"retry": ["1h"], "shutdown_grace": "5s"},
     }
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "mx-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
 
 
 def swaks(

@@ -88,13 +88,6 @@ def policy_server(ca: trustme.CA) -> Iterator[PolicyServer]:
     server.stop()
 
 
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "mx-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 def enforce(mx: str, mode: str = "enforce") -> str:
     return f"version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n"
 

@@ -43,13 +43,6 @@ async def serve(handler: Handler, cert: trustme.LeafCert) -> tuple[web.AppRunner
 
 
 @pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
-@pytest.fixture
 async def fetch_with(
     ca: trustme.CA, ca_file: Path
 ) -> AsyncIterator[Callable[..., Awaitable[object]]]:
