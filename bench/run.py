@@ -51,7 +51,7 @@ SIZES: dict[str, tuple[int, int, int]] = {  # name -> (bytes, connections, msgs/
     "100k": (100 * KIB, 8, 50),
     "10m": (10 * MIB, 4, 2),
 }
-SYSTEMS = ("direct", "postfix", "postfix-noreuse", "relay", "relay-dane")
+SYSTEMS = ("direct", "postfix", "postfix-noreuse", "relay", "relay-noaudit", "relay-dane")
 PLACEMENTS = ("percore", "machine")
 RESULTS = ROOT / "bench" / "results"
 
@@ -183,6 +183,8 @@ def run_one(
                 sut = PostfixSUT(wd, sink_port, ctx.cert, ctx.key, system == "postfix", cpu_s)
             elif system == "relay":
                 sut = RelaySUT(wd, sink_port, ctx.cert, ctx.key, cpu_s)
+            elif system == "relay-noaudit":
+                sut = RelaySUT(wd, sink_port, ctx.cert, ctx.key, cpu_s, audit=False)
             elif system == "relay-dane":
                 lab = stack.enter_context(dane_lab(wd, sink_port, ctx.cert))
                 sut = RelaySUT(wd, sink_port, ctx.cert, ctx.key, cpu_s, dnssec_port=lab.port)
@@ -709,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             if s in systems:
                 systems.remove(s)
                 skipped[s] = why
-    for name in ("relay", "relay-dane"):
+    for name in ("relay", "relay-noaudit", "relay-dane"):
         why = relay_unavailable(dnssec=name == "relay-dane")
         if name in systems and why:
             systems.remove(name)
@@ -781,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
             " (other jobs on the machine); see other_cpu_s in the JSON.",
         ]
     text += paired(results, "relay-dane", "relay")
+    text += paired(results, "relay", "relay-noaudit")
     if profile:
         text += [
             "",

@@ -216,6 +216,8 @@ policy:
   default: {{level: encrypt}}
   mta_sts: {policies}
   dane: {policies}
+# the per-delivery audit trail (relay-noaudit turns it off to measure its cost)
+audit: {{enabled: {audit}}}
 # one process per CPU it may use: 1 when pinned (percore), 2 on the whole machine
 workers: auto
 """
@@ -238,6 +240,7 @@ class RelaySUT(SUT):
         cpus: set[int] | None,
         extra_env: dict[str, str] | None = None,
         dnssec_port: int | None = None,
+        audit: bool = True,
     ) -> None:
         """*dnssec_port*: a validating resolver on loopback (relay-dane): MX lookup,
         MTA-STS and DANE on; else bench.test is routed and both are off."""
@@ -257,6 +260,7 @@ class RelaySUT(SUT):
                     dns_port=free_port() if dnssec_port is None else dnssec_port,
                 ),
                 policies="false" if dnssec_port is None else "true",
+                audit="true" if audit else "false",
             )
         )
         self.cmd = taskset(cpus, [str(relay_binary()), "serve", "-c", str(self.config)])
