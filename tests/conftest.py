@@ -14,6 +14,7 @@ import trustme
 import uvloop
 
 pytest_plugins = [
+    "tests.fixtures.badpeers",  # peers: fault and attack MX peers, stopped after the test
     "tests.fixtures.dns",  # dns_server: authoritative DNS on loopback
     "tests.fixtures.dnssec",  # dnssec_lab: nsd + validating unbound over a signed zone
     "tests.fixtures.intake",  # intake: in-process listeners on the product's TLS context

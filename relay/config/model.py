@@ -155,6 +155,8 @@ class PolicyConfig:
     mta_sts: bool = True
     dane: bool = True
     domains: Mapping[Domain, DomainPolicy] = field(default_factory=dict)  # keys normalised
+    # RFC 8689 4.2.2: `TLS-Required: No` relaxes MTA-STS and DANE for that message
+    honor_tls_required_no: bool = True
     source: Path | None = None  # file it came from, None if inline
 
     def for_domain(self, domain: Domain) -> tuple[DomainPolicy, str]:

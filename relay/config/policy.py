@@ -89,7 +89,7 @@ def _policy_domains(
 
 
 def _policy_body(ctx: check.Ctx, where: str, raw: Any, source: Path | None) -> PolicyConfig:
-    known = ("default", "mta_sts", "dane", "domains")
+    known = ("default", "mta_sts", "dane", "honor_tls_required_no", "domains")
     data = check.mapping(ctx, where, raw, known) or {}
     default = DomainPolicy()
     if "default" in data:
@@ -99,7 +99,7 @@ def _policy_body(ctx: check.Ctx, where: str, raw: Any, source: Path | None) -> P
         )
     flags = {
         k: check.boolean(ctx, check.join(where, k), data[k])
-        for k in ("mta_sts", "dane")
+        for k in ("mta_sts", "dane", "honor_tls_required_no")
         if k in data
     }
     domains = _policy_domains(ctx, check.join(where, "domains"), data.get("domains", {}), default)
@@ -115,6 +115,7 @@ def _policy_body(ctx: check.Ctx, where: str, raw: Any, source: Path | None) -> P
         default=default,
         mta_sts=flags.get("mta_sts") is not False,
         dane=flags.get("dane") is not False,
+        honor_tls_required_no=flags.get("honor_tls_required_no") is not False,
         domains=MappingProxyType(domains),
         source=source,
     )

@@ -19,14 +19,13 @@ relay.delivery.transaction), keeping idle sessions (relay.delivery.pool).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from relay.config import DeliveryConfig, PolicyConfig, Route
-from relay.delivery.hostpolicy import dane_hosts, sts_hosts
+from relay.delivery.hostpolicy import dane_hosts, requiretls_hosts, sts_hosts
 from relay.delivery.mx import DnssecState, MxResolver, MxStatus, route_for
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
@@ -39,9 +38,11 @@ from relay.delivery.session import (
     open_session,
     polite_quit,
 )
+from relay.delivery.slots import Slots
 from relay.delivery.transaction import Transaction, transact
 from relay.domains import Domain
 from relay.log import event
+from relay.mailformat import header_value
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts, ContextKey
 from relay.tlspolicy.mtasts import Mode, StsPolicy
@@ -53,12 +54,14 @@ from relay.tlspolicy.verdict import (
     decide,
     precheck,
     requirement,
+    with_requiretls,
 )
 
 log = logging.getLogger("relay.delivery")
 
 MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
+REQUIRETLS_CODE = "5.7.30"  # RFC 8689 6: REQUIRETLS support required
 
 
 class Deliverer:
@@ -83,8 +86,7 @@ class Deliverer:
         self._contexts = contexts
         self._pool = pool
         self._sts = sts  # None: MTA-STS off (policy mta_sts: false)
-        self._global = asyncio.Semaphore(cfg.concurrency)
-        self._domains: dict[Domain, tuple[asyncio.Semaphore, int]] = {}
+        self._slots = Slots(cfg.concurrency, cfg.per_domain_concurrency)
 
     async def deliver(
         self,
@@ -99,7 +101,15 @@ class Deliverer:
         progress = Progress(queue_id, recipients)
         if not recipients:
             return []
-        async with self._slot(domain):
+        progress.requiretls = any(o.upper() == "REQUIRETLS" for o in mail_options)
+        if not progress.requiretls and self.policy.honor_tls_required_no:
+            # RFC 8689 4.2.2: the sender asks that MTA-STS and DANE failures be ignored;
+            # the configured level still applies (SPEC), and TLS is never given up.
+            relaxed = (header_value(data, "TLS-Required") or "").lower() == "no"
+            progress.relaxed = relaxed
+            if relaxed:
+                event(log, "tls_required_no", queue_id=queue_id, domain=domain)
+        async with self._slots.slot(domain):
             try:
                 # RFC 5321 §4.5.3.2 bounds each command; this bounds the whole call, so a
                 # tarpitting MX cannot hold a worker however it drips its replies.
@@ -112,7 +122,10 @@ class Deliverer:
                 )
                 progress.reasons.append(reason)
                 log_attempt(progress, progress.pending(), Status.TRANSIENT, reason, progress.target)
-        return progress.finish(Status.TRANSIENT, "; ".join(progress.reasons) or "no MX host tried")
+        reason = "; ".join(progress.reasons) or "no MX host tried"
+        if progress.requiretls_refused():
+            return progress.finish(Status.PERMANENT, f"REQUIRETLS: {reason}", REQUIRETLS_CODE)
+        return progress.finish(Status.TRANSIENT, reason)
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -177,11 +190,14 @@ class Deliverer:
             log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
             return []
         hosts = list(result.hosts[: self.cfg.max_mx_hosts])
-        if self.dane_active:
+        if progress.requiretls:
+            hosts = requiretls_hosts(progress, domain, hosts, self.dane_active and result.secure)
+        if self.dane_active and not progress.relaxed:
             hosts = await dane_hosts(
                 progress, hosts, result.secure, self.resolver, self.cfg.port, self.metrics
             )
-        hosts = sts_hosts(progress, domain, hosts)
+        if not progress.relaxed:  # TLS-Required: No: the domain's MTA-STS does not apply
+            hosts = sts_hosts(progress, domain, hosts)
         targets: list[Target] = []
         for mx in hosts:
             addresses = mx.addresses or await self.resolver.addresses(mx.name)
@@ -211,9 +227,11 @@ class Deliverer:
         mail_options: Sequence[str],
         data: bytes,
     ) -> None:
-        sts = progress.sts.policy if progress.sts is not None else None
-        tlsa = progress.tlsa.get(target.host)
+        sts = progress.sts.policy if progress.sts is not None and not progress.relaxed else None
+        tlsa = None if progress.relaxed else progress.tlsa.get(target.host)
         req = requirement(self.policy, domain, target.host, sts, tlsa, progress.mx_secure)
+        if progress.requiretls:
+            req = with_requiretls(req)
         ctx_key, ctx = self._contexts.for_requirement(req)
         pending = progress.pending()
         progress.target = target
@@ -235,6 +253,13 @@ class Deliverer:
             self._no_session(progress, pending, got, target, req)
             return
         session, verdict, reused = got
+        if progress.requiretls and not session.smtp.supports_extension("requiretls"):
+            reason = f"{target.label} does not offer REQUIRETLS, which the message requires"
+            progress.reasons.append(reason)
+            progress.requiretls_failures += 1
+            log_attempt(progress, pending, Status.TRANSIENT, reason, target, req, session.observed)
+            await self._release(key, session, True)  # fine for other mail
+            return
         tx = Transaction(sender, mail_options, [progress.recipients[i] for i in pending], data)
         for _ in range(MAX_STALE + 1):
             try:
@@ -324,6 +349,9 @@ class Deliverer:
         progress.reasons.append(failure.reason)
         if failure.verdict is not None and not failure.verdict.ok:  # TLS/policy, not connect
             self.metrics.tls_failures.inc()
+            progress.requiretls_failures += 1
+        else:
+            progress.other_failures += 1
         log_attempt(
             progress,
             pending,
@@ -364,22 +392,3 @@ class Deliverer:
             self._pool.put(key, session)
         else:
             await polite_quit(session.smtp, QUIT_TIMEOUT)
-
-    @contextlib.asynccontextmanager
-    async def _slot(self, domain: Domain) -> AsyncIterator[None]:
-        """Per-domain, then global concurrency slot (the domain first, so a waiting
-        delivery never holds a global slot)."""
-        name = domain  # the one normal form: every spelling shares one slot
-        sem, users = self._domains.get(
-            name, (asyncio.Semaphore(self.cfg.per_domain_concurrency), 0)
-        )
-        self._domains[name] = (sem, users + 1)
-        try:
-            async with sem, self._global:
-                yield
-        finally:
-            sem, users = self._domains[name]
-            if users <= 1:
-                del self._domains[name]
-            else:
-                self._domains[name] = (sem, users - 1)

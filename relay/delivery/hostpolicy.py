@@ -1,6 +1,8 @@
 """Which MX hosts of a domain may be tried, under the policies they publish.
 
-Role: :func:`dane_hosts` looks up the TLSA RRset of each MX host whose addresses are
+Role: :func:`requiretls_hosts` keeps, for a REQUIRETLS message, only MX hosts found
+through DNSSEC or named by an MTA-STS enforce policy (RFC 8689 4.2.1);
+:func:`dane_hosts` looks up the TLSA RRset of each MX host whose addresses are
 DNSSEC-secure (RFC 7672 2.2) and keeps it in the delivery's Progress, deferring a
 host whose lookup failed; :func:`sts_hosts` applies an MTA-STS policy's ``mx``
 patterns (RFC 8461 4.1) to the hosts DANE does not cover (RFC 8461 2).
@@ -112,3 +114,30 @@ def sts_hosts(progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[M
             progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
         log_attempt(progress, pending, Status.TRANSIENT, reason)
     return allowed
+
+
+def requiretls_hosts(
+    progress: Progress, domain: Domain, hosts: list[MxHost], mx_secure: bool
+) -> list[MxHost]:
+    """RFC 8689 4.2.1: a REQUIRETLS message goes only to MX hosts found through DNSSEC
+    (*mx_secure*) or named by an MTA-STS policy in mode enforce; none such means the
+    message is returned (5.7.30) without any connection."""
+    if mx_secure:
+        return hosts
+    state = progress.sts
+    policy = state.policy if state is not None else None
+    allowed = [] if policy is None or policy.mode is not Mode.ENFORCE else hosts
+    allowed = [mx for mx in allowed if policy is not None and mx_allowed(policy, mx.name)]
+    if allowed:
+        return allowed
+    reason = (
+        f"REQUIRETLS: the MX hosts of {domain} were found neither through DNSSEC nor "
+        "through an MTA-STS policy in mode enforce (RFC 8689 4.2.1)"
+    )
+    pending = progress.pending()
+    for i in pending:
+        progress.outcomes[i] = Outcome(
+            progress.recipients[i][0], Status.PERMANENT, reason, status_code="5.7.30"
+        )
+    log_attempt(progress, pending, Status.PERMANENT, reason)
+    return []

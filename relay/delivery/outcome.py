@@ -55,6 +55,7 @@ class Outcome:
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     reply: str | None = None  # the MX's own reply ("550 5.1.1 text"), when there was one
     evidence: Evidence | None = None  # set when an MX session carried the attempt
+    status_code: str | None = None  # RFC 3463 code decided here (no MX reply), e.g. 5.7.30
 
 
 def reply_text(code: int, message: str, target: Target) -> str:

@@ -45,6 +45,10 @@ class Progress:
         self.sts: StsState | None = None  # the domain's MTA-STS state, when it applies
         self.tlsa: dict[str, TlsaSet] = {}  # MX host -> its TLSA lookup, when DANE is on
         self.mx_secure = False  # the MX RRset was DNSSEC-validated
+        self.requiretls = False  # MAIL FROM had REQUIRETLS (RFC 8689)
+        self.relaxed = False  # `TLS-Required: No`, honoured: MTA-STS and DANE not applied
+        self.requiretls_failures = 0  # hosts that failed REQUIRETLS's conditions
+        self.other_failures = 0  # hosts that failed otherwise (connect, greeting, ...)
 
     def pending(self) -> list[int]:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
@@ -88,12 +92,18 @@ class Progress:
             groups[(Status.TRANSIENT, result.session_error)] = self.pending()
         return groups
 
-    def finish(self, status: Status, reason: str) -> list[Outcome]:
-        """Fill every undecided recipient with *status*; the final list, in order."""
+    def finish(self, status: Status, reason: str, code: str | None = None) -> list[Outcome]:
+        """Fill every undecided recipient with *status* (and RFC 3463 *code*); the final
+        list, in order."""
         return [
-            out if out is not None else Outcome(addr, status, reason)
+            out if out is not None else Outcome(addr, status, reason, status_code=code)
             for out, (addr, _) in zip(self.outcomes, self.recipients, strict=True)
         ]
+
+    def requiretls_refused(self) -> bool:
+        """RFC 8689 4.2.1: every host tried failed REQUIRETLS's conditions (none was
+        merely unreachable, which a later attempt may find up): return the message."""
+        return self.requiretls and self.requiretls_failures > 0 and self.other_failures == 0
 
 
 def log_attempt(

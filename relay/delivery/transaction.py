@@ -69,6 +69,11 @@ def _mail_options(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> lis
             if not smtp.supports_extension("8bitmime"):
                 return f"destination lacks 8BITMIME, which the message needs ({target.label})"
             opts.append("BODY=8BITMIME")
+        elif key == "REQUIRETLS":
+            # RFC 8689 4.2.1: only to a server that offers it (delivery checks first).
+            if not smtp.supports_extension("requiretls"):
+                return f"destination lacks REQUIRETLS, which the message requires ({target.label})"
+            opts.append("REQUIRETLS")
         elif key == "BODY" and value.upper() == "BINARYMIME":
             return "BODY=BINARYMIME needs BDAT (RFC 3030), which this relay does not send"
         elif key in ("RET", "ENVID") and smtp.supports_extension("dsn"):

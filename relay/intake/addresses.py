@@ -281,7 +281,7 @@ def _address_literal(domain: str, sender: bool) -> str | Reply:
 
 
 # -- whole commands -------------------------------------------------------------------
-MAIL_PARAMETERS = ("BODY", "SIZE", "SMTPUTF8")  # RFC 6152, RFC 1870, RFC 6531
+MAIL_PARAMETERS = ("BODY", "SIZE", "SMTPUTF8", "REQUIRETLS")  # RFC 6152, 1870, 6531, 8689
 
 
 @dataclass(frozen=True)
@@ -311,8 +311,8 @@ def _mail_params_refusal(params: dict[str, str | None], max_size: int) -> Reply 
             return replies.PARAM_UNKNOWN.with_text(f"MAIL parameter {key} not supported")
         if key == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
             return replies.PARAM_SYNTAX.with_text("BODY must be 7BIT or 8BITMIME")
-        if key == "SMTPUTF8" and value is not None:
-            return replies.PARAM_SYNTAX.with_text("SMTPUTF8 takes no value")
+        if key in ("SMTPUTF8", "REQUIRETLS") and value is not None:
+            return replies.PARAM_SYNTAX.with_text(f"{key} takes no value")
         if key == "SIZE" and (value is None or not value.isdigit() or len(value) > 20):
             return replies.PARAM_SYNTAX.with_text("SIZE needs a number")
         if key == "SIZE" and int(value or 0) > max_size:

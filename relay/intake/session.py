@@ -252,8 +252,10 @@ class RelaySMTP(CommandLoop):
         lines += ["8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"]  # RFC 2034
         if not self.tls_active():
             lines.append("STARTTLS")
-        elif self.settings.passwords is not None:
-            lines.append("AUTH " + " ".join(auth.MECHANISMS))  # RFC 4954: only inside TLS
+        else:
+            lines.append("REQUIRETLS")  # RFC 8689 4.1: only inside TLS
+            if self.settings.passwords is not None:
+                lines.append("AUTH " + " ".join(auth.MECHANISMS))  # RFC 4954: only inside TLS
         for index, line in enumerate(lines):
             await self.push(f"250{' ' if index == len(lines) - 1 else '-'}{line}")
 

@@ -65,6 +65,9 @@ def dsn_message(
     options = ["BODY=8BITMIME"] if not data.isascii() else []
     if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options):
         options.append("SMTPUTF8")  # RFC 6531: the sender's address may be UTF-8
+    if any(o.upper() == "REQUIRETLS" for o in envelope.mail_options):
+        # RFC 8689 5: the notice about a REQUIRETLS message (its headers) is as protected.
+        options.append("REQUIRETLS")
     dsn_env = QueueEnvelope(
         id=new_id,
         created=now,
@@ -143,6 +146,8 @@ def status_code(recipient: Recipient, kind: DsnKind) -> str:
     if decision is not None and decision.outcome is AttemptOutcome.EXPIRED:
         return "4.4.7"  # RFC 3463 4.4.7: delivery time expired
     if decision is not None and decision.outcome is AttemptOutcome.PERMANENT:
+        if decision.status and decision.status.startswith("5."):
+            return decision.status  # decided here, e.g. RFC 8689's 5.7.30
         return _enhanced(decision, "5") or "5.0.0"
     return "5.0.0"
 

@@ -57,6 +57,7 @@ class Attempt:
     ip: str | None = None
     tls: str | None = None
     reply: str | None = None  # the MX's reply ("550 5.1.1 text") as data, for DSNs
+    status: str | None = None  # RFC 3463 code decided locally (e.g. 5.7.30), for DSNs
 
 
 @dataclass

@@ -181,7 +181,16 @@ class DeliveryPass:
         o = outcome
         rcpt.attempts += 1
         rcpt.record(
-            Attempt(now, AttemptOutcome(o.status), o.reason, o.mx_host, o.mx_ip, o.tls, o.reply)
+            Attempt(
+                now,
+                AttemptOutcome(o.status),
+                o.reason,
+                o.mx_host,
+                o.mx_ip,
+                o.tls,
+                o.reply,
+                o.status_code,
+            )
         )
         if o.status is Status.DELIVERED:
             rcpt.state = RcptState.DELIVERED

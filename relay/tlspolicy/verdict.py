@@ -141,6 +141,21 @@ def requirement(
     )
 
 
+def with_requiretls(req: Requirement) -> Requirement:
+    """RFC 8689 4.2.1: a REQUIRETLS message needs an authenticated server - its DANE
+    match, or else a WebPKI-valid certificate for the MX host name (``verify`` plus the
+    MX-name rule of MTA-STS).  Whether the server offers REQUIRETLS is asked of its
+    EHLO by delivery."""
+    if req.level >= TlsLevel.DANE:
+        return req
+    return dataclasses.replace(
+        req,
+        level=max(req.level, TlsLevel.VERIFY),
+        mx_name_required=True,
+        source=f"{req.source} and REQUIRETLS (RFC 8689)",
+    )
+
+
 def _dane_requirement(
     req: Requirement, domain: Domain, tlsa: TlsaSet, mx_secure: bool
 ) -> Requirement:

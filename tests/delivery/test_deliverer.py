@@ -12,7 +12,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 from relay.tlspolicy.mtasts import parse_policy
 from relay.tlspolicy.ststore import StsState
 from tests.fixtures import badpeers
-from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, server_context
+from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, server_context, start
 from tests.fixtures.net import free_port
 from tests.fixtures.postfix import PostfixMx, postfix_instance
 
@@ -58,28 +58,30 @@ class FakeResolver:
         mx: Mapping[str, Sequence[tuple[str, str]] | MxResult],
         hosts: Mapping[str, tuple[str, ...]] | None = None,
         tlsa: Mapping[str, TlsaSet] | None = None,
+        secure: bool = False,
     ) -> None:
         self.mx = dict(mx)
         self.hosts = dict(hosts or {})
         self.tlsa_sets = dict(tlsa or {})  # host -> TLSA; any entry makes DNSSEC "on"
-        self.validated = bool(self.tlsa_sets)
+        self.secure = secure  # every answer DNSSEC-validated
+        self.validated = bool(self.tlsa_sets) or secure
         self.dnssec_state = DnssecState.VALIDATING if self.validated else DnssecState.OFF
 
     async def ready(self) -> None:
         return None
 
     async def tlsa(self, host: str, port: int) -> TlsaSet:
-        return self.tlsa_sets[host]
+        return self.tlsa_sets.get(host, TlsaSet(f"_{port}._tcp.{host}", TlsaStatus.ABSENT))
 
     async def resolve(self, domain: str) -> MxResult:
         entry = self.mx[domain]
         if isinstance(entry, MxResult):
             return entry
         hosts = tuple(
-            MxHost(name, 10 * (n + 1), (ip,), secure=name in self.tlsa_sets)
+            MxHost(name, 10 * (n + 1), (ip,), secure=self.secure or name in self.tlsa_sets)
             for n, (name, ip) in enumerate(entry)
         )
-        return MxResult(MxStatus.OK, hosts, "")
+        return MxResult(MxStatus.OK, hosts, "", secure=self.secure)
 
     async def addresses(self, host: str) -> tuple[str, ...]:
         return self.hosts.get(host, ())
@@ -109,21 +111,6 @@ async def send(
         )
     finally:
         await deliverer.close()
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[badpeers._Server]]:
-    """Collects peers a test starts and stops them all afterwards."""
-    started: list[badpeers._Server] = []
-    yield started
-    for peer in started:
-        await peer.stop()
-
-
-async def start(peers: list[badpeers._Server], peer: badpeers._Server) -> badpeers._Server:
-    await peer.start()
-    peers.append(peer)
-    return peer
 
 
 # ---- delivery to a real Postfix -------------------------------------------------------

@@ -383,3 +383,32 @@ async def test_ehlo_advertises_enhanced_status_codes(intake: IntakeFactory) -> N
             return raw.cmd("EHLO c.test")[1]
 
     assert "ENHANCEDSTATUSCODES" in (await asyncio.to_thread(run)).split("\n")
+
+
+async def test_requiretls_is_offered_inside_tls_and_kept_in_the_envelope(
+    intake: IntakeFactory,
+) -> None:
+    """RFC 8689 4.1: REQUIRETLS in EHLO only inside TLS; MAIL FROM:<a> REQUIRETLS is
+    accepted and kept for delivery; the parameter takes no value."""
+    h = await intake()
+
+    def run() -> tuple[str, str, int, int]:
+        raw = RawSMTP(HOST, h.starttls_port)
+        with raw:
+            raw.greet()
+            before = raw.cmd("EHLO c.test")[1]
+            raw.starttls(h.client_context())
+            inside = raw.cmd("EHLO c.test")[1]
+            bad = raw.cmd("MAIL FROM:<app@a.test> REQUIRETLS=yes")[0]
+            good = raw.cmd("MAIL FROM:<app@a.test> REQUIRETLS")[0]
+            assert raw.cmd("RCPT TO:<b@b.test>")[0] == 250
+            assert raw.cmd("DATA")[0] == 354
+            raw.send(MSG + b".\r\n")
+            assert raw.reply()[0] == 250
+        return before, inside, bad, good
+
+    before, inside, bad, good = await asyncio.to_thread(run)
+    assert "REQUIRETLS" not in before.split("\n") and "REQUIRETLS" in inside.split("\n")
+    assert (bad, good) == (501, 250)
+    env = h.spool.load(h.spool.ids()[0])
+    assert "REQUIRETLS" in env.mail_options

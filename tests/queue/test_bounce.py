@@ -272,3 +272,23 @@ def test_delivery_reason_format_gives_status_and_diagnostic() -> None:
     _, block = status_blocks(parse(blob))
     assert block["Status"] == "5.7.1"
     assert block["Diagnostic-Code"] == "smtp; 550 5.7.1 relaying denied"
+
+
+def test_requiretls_refusal_is_5_7_30_and_its_dsn_is_requiretls_too() -> None:
+    """RFC 8689: the recipients of a REQUIRETLS message that could not be sent with
+    its conditions get 5.7.30, decided here (no MX said it); the DSN, which carries
+    the original's headers, is itself sent with REQUIRETLS."""
+    refused = Attempt(
+        at=T0 + 10,
+        outcome=AttemptOutcome.PERMANENT,
+        reason="REQUIRETLS: mx.x.test[127.0.0.2]:25 does not offer REQUIRETLS",
+        status="5.7.30",
+    )
+    e = env(rcpt("a@x.test", refused), options=["REQUIRETLS"])
+    dsn_env, data = bounce.dsn_message(
+        e, e.recipients, "relay.test", T0 + 20, ORIGINAL, DsnKind.FAILED, "BBB222"
+    )
+    assert "REQUIRETLS" in dsn_env.mail_options
+    (block,) = [b for b in status_blocks(parse(data)) if b.get("Final-Recipient")]
+    assert block["Status"] == "5.7.30"
+    assert b"Body line" not in data  # headers only
