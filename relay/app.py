@@ -28,13 +28,14 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay import log as relaylog
 from relay import workers
 from relay.audit.trail import AuditTrail
-from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel
+from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel, TlsReportsConfig
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import DnssecState, MxResolver
 from relay.delivery.pool import SessionPool
@@ -45,11 +46,15 @@ from relay.intake.listener import Listener
 from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics, MetricsServer
+from relay.queue.envelope import QueueEnvelope, Recipient
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool, claim
 from relay.tlspolicy.contexts import ClientContexts
 from relay.tlspolicy.stsfetch import StsFetcher
 from relay.tlspolicy.ststore import StsPolicies
+from relay.tlsrpt import sender as tlsrpt_sender
+from relay.tlsrpt.counts import TlsCounts
+from relay.tlsrpt.sender import ReportSender
 
 log = logging.getLogger("relay.app")
 
@@ -73,7 +78,10 @@ class App:
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None
     resolver: MxResolver | None = None  # probed for DNSSEC when the policy asks for DANE
+    tls_counts: TlsCounts | None = None  # RFC 8460 session counts (tls_reports configured)
+    report_sender: ReportSender | None = None  # in one process only (worker 0)
     _dnssec_watch: asyncio.Task[None] | None = None
+    _reports_task: asyncio.Task[None] | None = None
 
     def on_queued(self, qid: str) -> None:
         """A message is on disk and acknowledged; hand it to the queue side."""
@@ -86,6 +94,10 @@ class App:
             self._dnssec_watch = asyncio.create_task(self._watch_dnssec())
         # Queue side first: its spool recovery must finish before any listener writes.
         await self.scheduler.start()
+        if self.tls_counts is not None:
+            self.tls_counts.start()
+        if self.report_sender is not None:
+            self._reports_task = asyncio.create_task(tlsrpt_sender.run(self.report_sender))
         started: list[Listener] = []
         try:
             # Before the listeners, so it is up by the time mail can arrive.
@@ -160,6 +172,11 @@ class App:
         await self._stop_dnssec_watch()
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
+        if self._reports_task is not None:
+            self._reports_task.cancel()
+            await asyncio.gather(self._reports_task, return_exceptions=True)
+        if self.tls_counts is not None:
+            await self.tls_counts.stop()  # the last seconds of counts, written
         self.spool.fresh.clear()  # locks still held for messages never picked up
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -189,7 +206,13 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts, dnssec=cfg.policy.dane
     )
     sts = mta_sts(cfg, resolver) if cfg.policy.mta_sts else None
-    deliverer = new_deliverer(cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics, sts)
+    counts = None
+    if cfg.tls_reports is not None:
+        counts = TlsCounts(cfg.spool.path / "tlsrpt", str(worker.index) if worker else "0")
+        counts.setup()
+    deliverer = new_deliverer(
+        cfg.delivery, cfg.policy, cfg.hostname, resolver, metrics, sts, counts, cfg.tls_reports
+    )
     audit = None
     if cfg.audit is not None and cfg.audit.enabled:
         audit = AuditTrail(cfg.audit.path)
@@ -213,7 +236,10 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         scheduler=scheduler,
         metrics=metrics,
         resolver=resolver,
+        tls_counts=counts,
     )
+    if cfg.tls_reports is not None and (worker is None or worker.index == 0):
+        app.report_sender = report_sender(cfg, resolver, spool, app.on_queued)
     sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
     app.listeners = [
         Listener(cfg, spec, spool, passwords, app.on_queued, context, gate, metrics, sock=sock)
@@ -234,6 +260,8 @@ def new_deliverer(
     resolver: MxResolver,
     metrics: Metrics,
     sts: StsPolicies | None = None,
+    reports: TlsCounts | None = None,
+    reports_cfg: TlsReportsConfig | None = None,
 ) -> Deliverer:
     """The deliverer with its client TLS contexts (built once: loading a CA bundle is
     costly) and its pool of idle sessions (as many per MX address as may be busy at
@@ -241,7 +269,34 @@ def new_deliverer(
     steady load)."""
     contexts = ClientContexts(cfg.ca_file)
     pool = SessionPool(cfg.per_domain_concurrency)
-    return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics, sts)
+    sender = reports_cfg.sender if reports_cfg is not None else None
+    return Deliverer(cfg, policy, hostname, resolver, contexts, pool, metrics, sts, reports, sender)
+
+
+def report_sender(
+    cfg: Config, resolver: MxResolver, spool: Spool, queued: Callable[[str], None]
+) -> ReportSender:
+    """RFC 8460 reports: TXT _smtp._tls through the relay's resolver, mailed reports
+    through the relay's own queue (*queued* hands the stored message to a scheduler),
+    HTTPS posts against the `verify` CA store."""
+    assert cfg.tls_reports is not None
+
+    def submit(sender: str, rcpts: list[str], data: bytes) -> None:
+        recipients = [Recipient(address=r) for r in rcpts]
+        env = QueueEnvelope(spool.new_id(), time.time(), sender, recipients, size=len(data))
+        spool.store(env, data)
+        queued(env.id)
+
+    root = cfg.spool.path / "tlsrpt"
+    return ReportSender(
+        root,
+        cfg.tls_reports,
+        cfg.hostname,
+        resolver.txt,
+        resolver.addresses,
+        submit,
+        cfg.delivery.ca_file,
+    )
 
 
 def mta_sts(cfg: Config, resolver: MxResolver) -> StsPolicies:

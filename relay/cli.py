@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     _add_config(p)
 
+    p = sub.add_parser("tls-reports", help="RFC 8460 TLS reports: list unsent data, send")
+    _add_config(p)
+    rsub = p.add_subparsers(dest="reports_command", required=True)
+    r = rsub.add_parser("list", help="counts not yet reported, per UTC day and domain")
+    r.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_config(r)
+    r = rsub.add_parser("send", help="build and send the due reports now")
+    r.add_argument(
+        "--include-today", action="store_true", help="also the current, partial day (labs)"
+    )
+    _add_config(r)
+
     p = sub.add_parser("queue", help="inspect and manage the spool")
     _add_config(p)
     qsub = p.add_subparsers(dest="queue_command", required=True)
@@ -162,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
         from relay.queue import cli as queue_cli
 
         return queue_cli.run(cfg, args)
+    if cmd == "tls-reports":
+        from relay.tlsrpt import cli as reports_cli
+
+        return reports_cli.run(cfg, args)
     if cmd == "audit":
         from relay.audit import cli as audit_cli
 

@@ -33,6 +33,7 @@ from relay.config.model import (
     ServerTls,
     SpoolConfig,
     TlsLevel,
+    TlsReportsConfig,
 )
 from relay.config.summary import summary
 
@@ -55,6 +56,7 @@ __all__ = [
     "ServerTls",
     "SpoolConfig",
     "TlsLevel",
+    "TlsReportsConfig",
     "load",
     "load_policy",
     "load_users_file_path",

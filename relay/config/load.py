@@ -283,6 +283,7 @@ _TOP_KEYS = (
     "policy",
     "metrics",
     "audit",
+    "tls_reports",
     "log_level",
     "workers",
 )
@@ -320,6 +321,9 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
     policy = policy_section.section(ctx, data["policy"]) if "policy" in data else PolicyConfig()
     metrics = _metrics(ctx, data["metrics"]) if "metrics" in data else None
     audit = evidence_section.audit(ctx, data.get("audit", {}), spool.path if spool else None)
+    reports = (
+        evidence_section.tls_reports(ctx, data["tls_reports"]) if "tls_reports" in data else None
+    )
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
     workers = _workers(ctx, data["workers"], metrics is not None) if "workers" in data else 1
     _route_auth_levels(ctx, delivery, policy)
@@ -338,6 +342,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
         policy=policy,
         metrics=metrics,
         audit=audit,
+        tls_reports=reports,
         log_level=log_level,
         workers=workers,
     )

@@ -182,6 +182,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class TlsReportsConfig:
+    """RFC 8460 TLS reports this relay sends, as a sending MTA (relay.tlsrpt)."""
+
+    organization: str  # organization-name
+    contact: str  # contact-info
+    sender: str  # `from:` of mailed reports
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     hostname: str
@@ -195,5 +204,6 @@ class Config:
     policy: PolicyConfig
     metrics: MetricsConfig | None = None
     audit: AuditConfig | None = None  # None only where a Config is built by hand
+    tls_reports: TlsReportsConfig | None = None  # None: nothing counted or sent
     log_level: str = "INFO"
     workers: int | None = 1  # serve processes; None = "auto", one per usable CPU

@@ -24,12 +24,12 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import replace
 
-from relay.config import DeliveryConfig, PolicyConfig, Route
-from relay.delivery.hostpolicy import dane_hosts, requiretls_hosts, sts_hosts
-from relay.delivery.mx import DnssecState, MxResolver, MxStatus, route_for
+from relay.config import DeliveryConfig, PolicyConfig
+from relay.delivery.hostpolicy import targets
+from relay.delivery.mx import DnssecState, MxResolver, route_for
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
-from relay.delivery.progress import Progress, log_attempt
+from relay.delivery.progress import Progress, log_attempt, log_testing
 from relay.delivery.session import (
     Failure,
     OutboundSession,
@@ -45,6 +45,7 @@ from relay.log import event
 from relay.mailformat import header_value
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts, ContextKey
+from relay.tlspolicy.dane import TlsaStatus
 from relay.tlspolicy.mtasts import Mode, StsPolicy
 from relay.tlspolicy.ststore import StsPolicies
 from relay.tlspolicy.verdict import (
@@ -56,10 +57,11 @@ from relay.tlspolicy.verdict import (
     requirement,
     with_requiretls,
 )
+from relay.tlsrpt.counts import TlsCounts
+from relay.tlsrpt.report import count_session, policy_object
 
 log = logging.getLogger("relay.delivery")
 
-MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
 REQUIRETLS_CODE = "5.7.30"  # RFC 8689 6: REQUIRETLS support required
 
@@ -77,6 +79,8 @@ class Deliverer:
         pool: SessionPool,
         metrics: Metrics,
         sts: StsPolicies | None = None,
+        reports: TlsCounts | None = None,
+        report_sender: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -86,6 +90,8 @@ class Deliverer:
         self._contexts = contexts
         self._pool = pool
         self._sts = sts  # None: MTA-STS off (policy mta_sts: false)
+        self._reports = reports  # None: no TLS reports (no tls_reports in the config)
+        self._report_sender = report_sender  # reports' own sessions are not counted
         self._slots = Slots(cfg.concurrency, cfg.per_domain_concurrency)
 
     async def deliver(
@@ -101,6 +107,7 @@ class Deliverer:
         progress = Progress(queue_id, recipients)
         if not recipients:
             return []
+        progress.counted = self._reports is not None and sender != self._report_sender
         progress.requiretls = any(o.upper() == "REQUIRETLS" for o in mail_options)
         if not progress.requiretls and self.policy.honor_tls_required_no:
             # RFC 8689 4.2.2: the sender asks that MTA-STS and DANE failures be ignored;
@@ -162,53 +169,18 @@ class Deliverer:
             # operator's choice, outside any recipient domain's policy.
             progress.trace.stage = f"MTA-STS discovery for {domain}"
             progress.sts = await self._sts.for_domain(domain)
-        for target in await self._targets(progress, domain, route):
+        found = await targets(
+            progress, domain, route, self.resolver, self.cfg, self.dane_active, self.metrics
+        )
+        if self._reports is not None and progress.counted:
+            for host, tlsa in progress.tlsa.items():  # RFC 8460: dnssec-invalid, no session
+                if tlsa.status is TlsaStatus.FAILED:
+                    policy = policy_object(domain, tlsa)
+                    self._reports.failure(policy, "dnssec-invalid", None, host, None)
+        for target in found:
             if not progress.pending():
                 return
             await self._try_target(progress, domain, target, sender, mail_options, data)
-
-    async def _targets(
-        self, progress: Progress, domain: Domain, route: Route | None
-    ) -> list[Target]:
-        """Addresses to try, in order; empty (with outcomes or reasons set) if none."""
-        if route is not None:
-            host = route.host.strip("[]")  # "[host]": its addresses, no MX lookup
-            progress.trace.stage = f"address lookup of next hop {host}"
-            addresses = await self.resolver.addresses(host)
-            if not addresses:
-                progress.reasons.append(f"next hop {host} for {domain} has no address")
-            return [
-                Target(host, ip, route.port, route.implicit_tls, route.auth)
-                for ip in addresses[:MAX_ADDRESSES_PER_HOST]
-            ]
-        progress.trace.stage = f"MX lookup of {domain}"
-        result = await self.resolver.resolve(domain)
-        if result.status is not MxStatus.OK:
-            status = Status.PERMANENT if result.status is MxStatus.PERMANENT else Status.TRANSIENT
-            for i in progress.pending():
-                progress.outcomes[i] = Outcome(progress.recipients[i][0], status, result.reason)
-            log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
-            return []
-        hosts = list(result.hosts[: self.cfg.max_mx_hosts])
-        if progress.requiretls:
-            hosts = requiretls_hosts(progress, domain, hosts, self.dane_active and result.secure)
-        if self.dane_active and not progress.relaxed:
-            hosts = await dane_hosts(
-                progress, hosts, result.secure, self.resolver, self.cfg.port, self.metrics
-            )
-        if not progress.relaxed:  # TLS-Required: No: the domain's MTA-STS does not apply
-            hosts = sts_hosts(progress, domain, hosts)
-        targets: list[Target] = []
-        for mx in hosts:
-            addresses = mx.addresses or await self.resolver.addresses(mx.name)
-            targets += [
-                Target(mx.name, ip, self.cfg.port) for ip in addresses[:MAX_ADDRESSES_PER_HOST]
-            ]
-        if not targets:
-            progress.reasons.append(
-                f"no MX host of {domain} has an address {result.reason}".strip()
-            )
-        return targets
 
     @property
     def dane_active(self) -> bool:
@@ -237,6 +209,7 @@ class Deliverer:
         progress.target = target
         refused = precheck(req)
         if refused is not None:  # dane-only without usable TLSA: no connection at all
+            self._count(progress, domain, target, req, refused)
             self._no_session(progress, pending, Failure(refused.reason, None, refused), target, req)
             return
         dane = req.policy_source is PolicySource.DANE  # then MTA-STS is not consulted
@@ -249,6 +222,11 @@ class Deliverer:
                 (target, ctx_key), target, req, ctx, ctx_key[0], progress.trace
             )
         key: PoolKey = (target, ctx_key)
+        if not (sts is not None and sts.mode is Mode.TESTING and not dane):  # testing: own count
+            if isinstance(got, Failure):
+                self._count(progress, domain, target, req, got.verdict)
+            elif not got[2]:  # a new session (a reused one was counted when it was made)
+                self._count(progress, domain, target, req, got[1])
         if isinstance(got, Failure):
             self._no_session(progress, pending, got, target, req)
             return
@@ -301,10 +279,13 @@ class Deliverer:
             (target, probe_key), target, req, probe_ctx, probe_key[0], progress.trace
         )
         if not isinstance(got, Failure):
-            self._log_testing(progress, domain, target, decide(probe, got[0].observed))
+            judged = decide(probe, got[0].observed)
+            self._log_testing(progress, domain, target, judged)
+            self._count(progress, domain, target, probe, judged, sts)
             return got, probe_key, probe_ctx
         untrusted = got.observed is not None and got.observed.handshake_error is not None
         self._log_testing(progress, domain, target, got.verdict, got.reason)
+        self._count(progress, domain, target, probe, got.verdict, sts)
         floor_key, floor_ctx = floor
         if not untrusted or floor_key == probe_key:
             return got, probe_key, probe_ctx  # the floor fails the same way
@@ -323,19 +304,22 @@ class Deliverer:
     ) -> None:
         ok = verdict is not None and verdict.ok
         self.metrics.mta_sts_testing.inc(result="pass" if ok else "fail")
-        event(
-            log,
-            "mta_sts_testing",
-            logging.INFO if ok else logging.WARNING,
-            queue_id=progress.queue_id,
-            domain=domain,
-            id=progress.sts.id if progress.sts else None,
-            mx=target.host,
-            ip=target.ip,
-            result="pass" if ok else "fail",
-            result_type=None if verdict is None else verdict.result_type,
-            reason=reason or (verdict.reason if verdict is not None else None),
-        )
+        log_testing(progress, domain, target, verdict, reason)
+
+    def _count(
+        self,
+        progress: Progress,
+        domain: Domain,
+        target: Target,
+        req: Requirement,
+        verdict: Verdict | None,
+        sts: StsPolicy | None = None,
+    ) -> None:
+        """One session for the TLS reports (RFC 8460)."""
+        if self._reports is not None and progress.counted and verdict is not None:
+            if sts is None and progress.sts is not None and not progress.relaxed:
+                sts = progress.sts.policy
+            count_session(self._reports, domain, target.host, target.ip, req, verdict, sts)
 
     def _no_session(
         self,

@@ -1,6 +1,7 @@
 """Which MX hosts of a domain may be tried, under the policies they publish.
 
-Role: :func:`requiretls_hosts` keeps, for a REQUIRETLS message, only MX hosts found
+Role: :func:`targets` lists the addresses to try (a route's next hop, or the MX hosts);
+:func:`requiretls_hosts` keeps, for a REQUIRETLS message, only MX hosts found
 through DNSSEC or named by an MTA-STS enforce policy (RFC 8689 4.2.1);
 :func:`dane_hosts` looks up the TLSA RRset of each MX host whose addresses are
 DNSSEC-secure (RFC 7672 2.2) and keeps it in the delivery's Progress, deferring a
@@ -16,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from relay.delivery.mx import MxHost, MxResolver
+from relay.config import DeliveryConfig, Route
+from relay.delivery.mx import MxHost, MxResolver, MxStatus
 from relay.delivery.outcome import Outcome, Status
 from relay.delivery.progress import Progress, log_attempt
 from relay.delivery.session import Target
@@ -30,6 +32,53 @@ from relay.tlspolicy.verdict import Verdict
 log = logging.getLogger("relay.delivery")
 
 DNSSEC_INVALID = "dnssec-invalid"  # RFC 8460 4.3.2
+MAX_ADDRESSES_PER_HOST = 4  # RFC 5321 §5.1: try addresses in order, but bound the effort
+
+
+async def targets(
+    progress: Progress,
+    domain: Domain,
+    route: Route | None,
+    resolver: MxResolver,
+    cfg: DeliveryConfig,
+    dane: bool,
+    metrics: Metrics,
+) -> list[Target]:
+    """Addresses to try, in order: a route's next hop, or the MX hosts the domain's
+    published policies allow (*dane*: DANE is active); empty, with outcomes or reasons
+    set, if none."""
+    if route is not None:
+        host = route.host.strip("[]")  # "[host]": its addresses, no MX lookup
+        progress.trace.stage = f"address lookup of next hop {host}"
+        addresses = await resolver.addresses(host)
+        if not addresses:
+            progress.reasons.append(f"next hop {host} for {domain} has no address")
+        return [
+            Target(host, ip, route.port, route.implicit_tls, route.auth)
+            for ip in addresses[:MAX_ADDRESSES_PER_HOST]
+        ]
+    progress.trace.stage = f"MX lookup of {domain}"
+    result = await resolver.resolve(domain)
+    if result.status is not MxStatus.OK:
+        status = Status.PERMANENT if result.status is MxStatus.PERMANENT else Status.TRANSIENT
+        for i in progress.pending():
+            progress.outcomes[i] = Outcome(progress.recipients[i][0], status, result.reason)
+        log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
+        return []
+    hosts = list(result.hosts[: cfg.max_mx_hosts])
+    if progress.requiretls:
+        hosts = requiretls_hosts(progress, domain, hosts, dane and result.secure)
+    if dane and not progress.relaxed:
+        hosts = await dane_hosts(progress, hosts, result.secure, resolver, cfg.port, metrics)
+    if not progress.relaxed:  # TLS-Required: No: the domain's MTA-STS does not apply
+        hosts = sts_hosts(progress, domain, hosts)
+    targets: list[Target] = []
+    for mx in hosts:
+        addresses = mx.addresses or await resolver.addresses(mx.name)
+        targets += [Target(mx.name, ip, cfg.port) for ip in addresses[:MAX_ADDRESSES_PER_HOST]]
+    if not targets:
+        progress.reasons.append(f"no MX host of {domain} has an address {result.reason}".strip())
+    return targets
 
 
 def _dane_applies(progress: Progress, host: str) -> bool:

@@ -49,6 +49,7 @@ class Progress:
         self.relaxed = False  # `TLS-Required: No`, honoured: MTA-STS and DANE not applied
         self.requiretls_failures = 0  # hosts that failed REQUIRETLS's conditions
         self.other_failures = 0  # hosts that failed otherwise (connect, greeting, ...)
+        self.counted = False  # sessions go into the TLS reports (relay.tlsrpt)
 
     def pending(self) -> list[int]:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
@@ -135,4 +136,28 @@ def log_attempt(
         outcome=_LOG_OUTCOME[status],
         result_type=verdict.result_type if verdict is not None else None,  # RFC 8460
         reason=reason,
+    )
+
+
+def log_testing(
+    progress: Progress,
+    domain: str,
+    target: Target,
+    verdict: Verdict | None,
+    reason: str | None = None,
+) -> None:
+    """The ``mta_sts_testing`` line: how an MX fared under a policy in mode testing."""
+    ok = verdict is not None and verdict.ok
+    event(
+        log,
+        "mta_sts_testing",
+        logging.INFO if ok else logging.WARNING,
+        queue_id=progress.queue_id,
+        domain=domain,
+        id=progress.sts.id if progress.sts else None,
+        mx=target.host,
+        ip=target.ip,
+        result="pass" if ok else "fail",
+        result_type=None if verdict is None else verdict.result_type,
+        reason=reason or (verdict.reason if verdict is not None else None),
     )

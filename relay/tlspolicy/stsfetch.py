@@ -42,7 +42,7 @@ class FetchError(StsError):
         self.result_type = result_type
 
 
-class _Resolver(AbstractResolver):
+class RelayResolver(AbstractResolver):
     """aiohttp's resolver hook, answered by the relay's resolver (delivery.resolver)."""
 
     def __init__(self, lookup: Lookup) -> None:
@@ -133,7 +133,7 @@ class StsFetcher:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                resolver=_Resolver(self._lookup), ssl=self._context, use_dns_cache=False
+                resolver=RelayResolver(self._lookup), ssl=self._context, use_dns_cache=False
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
