@@ -40,6 +40,11 @@ def summary(cfg: Config, dane: str | None = None) -> str:
             else "off"
         )
     )
+    if cfg.audit is not None:
+        where = cfg.audit.path if cfg.audit.enabled else "off"
+        lines.append(f"audit trail: {where}")
+    if cfg.tls_reports is not None:
+        lines.append(f"tls reports: on (from {cfg.tls_reports.sender})")
     if dane is not None:
         lines.append(dane)
     elif not cfg.policy.dane:
