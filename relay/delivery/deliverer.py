@@ -224,7 +224,7 @@ class Deliverer:
         key: PoolKey = (target, ctx_key)
         if not (sts is not None and sts.mode is Mode.TESTING and not dane):  # testing: own count
             if isinstance(got, Failure):
-                self._count(progress, domain, target, req, got.verdict)
+                self._count(progress, domain, target, req, got.verdict, None, got.local_ip)
             elif not got[2]:  # a new session (a reused one was counted when it was made)
                 self._count(progress, domain, target, req, got[1])
         if isinstance(got, Failure):
@@ -285,7 +285,7 @@ class Deliverer:
             return got, probe_key, probe_ctx
         untrusted = got.observed is not None and got.observed.handshake_error is not None
         self._log_testing(progress, domain, target, got.verdict, got.reason)
-        self._count(progress, domain, target, probe, got.verdict, sts)
+        self._count(progress, domain, target, probe, got.verdict, sts, got.local_ip)
         floor_key, floor_ctx = floor
         if not untrusted or floor_key == probe_key:
             return got, probe_key, probe_ctx  # the floor fails the same way
@@ -314,12 +314,14 @@ class Deliverer:
         req: Requirement,
         verdict: Verdict | None,
         sts: StsPolicy | None = None,
+        local_ip: str | None = None,
     ) -> None:
         """One session for the TLS reports (RFC 8460)."""
         if self._reports is not None and progress.counted and verdict is not None:
             if sts is None and progress.sts is not None and not progress.relaxed:
                 sts = progress.sts.policy
-            count_session(self._reports, domain, target.host, target.ip, req, verdict, sts)
+            where = (local_ip, target.host, target.ip)
+            count_session(self._reports, domain, where, req, verdict, sts)
 
     def _no_session(
         self,

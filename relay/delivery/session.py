@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Failure:
     reason: str
     observed: Observed | None = None
     verdict: Verdict | None = None
+    local_ip: str | None = None  # our address on the connection, when there was one
 
 
 @dataclass
@@ -110,6 +112,7 @@ async def open_session(
         sock = await _tcp_connect(target, cfg.connect_timeout)
     except (OSError, TimeoutError) as exc:
         return Failure(f"cannot connect to {target.label}: {exc or type(exc).__name__}")
+    local_ip = str(sock.getsockname()[0])  # the sending MTA's IP (RFC 8460 4.4)
     smtp = aiosmtplib.SMTP(
         hostname=target.host if target.implicit_tls else None,  # SNI for implicit TLS
         sock=sock,
@@ -126,7 +129,7 @@ async def open_session(
         raise
     if isinstance(result, Failure):
         await polite_quit(smtp)
-        return result
+        return dataclasses.replace(result, local_ip=local_ip)
     return OutboundSession(smtp, target, result[0]), result[1]
 
 

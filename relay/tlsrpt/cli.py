@@ -56,6 +56,7 @@ def _pending(root: Any) -> list[dict[str, Any]]:
                             "failures": [
                                 {
                                     "result-type": k[0],
+                                    "sending-mta-ip": k[1],
                                     "receiving-mx-hostname": k[2],
                                     "receiving-ip": k[3],
                                     "count": n,

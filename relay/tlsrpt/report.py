@@ -165,18 +165,19 @@ def mail(
 def count_session(
     counts: TlsCounts,
     domain: str,
-    mx_host: str,
-    mx_ip: str,
+    where: tuple[str | None, str, str],
     req: Requirement,
     verdict: Verdict,
     sts: StsPolicy | None,
 ) -> None:
     """Count one session judged *verdict* under *req*: a success, or a failure with its
-    RFC 8460 result type, under the policy that applied (DANE's TLSA, or MTA-STS)."""
+    RFC 8460 result type, under the policy that applied (DANE's TLSA, or MTA-STS).
+    *where*: (sending IP or None, MX host, MX IP)."""
+    sending_ip, mx_host, mx_ip = where
     dane = req.policy_source is PolicySource.DANE
     policy = policy_object(domain, req.tlsa if dane else None, None if dane else sts)
     if verdict.ok:
         counts.success(policy)
     else:
         kind = verdict.result_type or "validation-failure"
-        counts.failure(policy, kind, None, mx_host, mx_ip)
+        counts.failure(policy, kind, sending_ip, mx_host, mx_ip)

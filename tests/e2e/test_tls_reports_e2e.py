@@ -125,6 +125,7 @@ def test_counted_sessions_are_reported_by_mail_and_https(
     (bad,) = got["bad.test"]["policies"]
     assert bad["failures"][0]["result-type"] == "certificate-host-mismatch"
     assert bad["failures"][0]["receiving-mx-hostname"] == "mx.bad.test"
+    assert bad["failures"][0]["sending-mta-ip"] == "127.0.0.1"
 
     sent = cli(proc, "send", "--include-today")
     assert sent.returncode == 0, sent.stderr
