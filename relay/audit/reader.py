@@ -12,7 +12,9 @@ detectable from the trail alone (keep a copy of ``verify``'s last hash elsewhere
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,19 @@ class Verified:
 
 
 def verify(root: Path) -> Verified:
+    """Walk the chain under a shared lock, so a write in progress is not half seen."""
+    lock = root / ".lock"
+    if not lock.exists():
+        return _verify(root)
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return _verify(root)
+    finally:
+        os.close(fd)
+
+
+def _verify(root: Path) -> Verified:
     files = day_files(root)
     prev: str | None = None
     first_prev: str | None = None

@@ -41,7 +41,9 @@ def line_hash(line: bytes) -> str:
 
 
 def encode(record: Mapping[str, Any], prev: str) -> bytes:
-    return json.dumps({**record, "prev": prev}, ensure_ascii=False, separators=(",", ":")).encode()
+    """One line: ASCII JSON (non-ASCII and undecodable reply bytes, which aiosmtplib keeps
+    as lone surrogates, are escaped, so no record can fail to encode)."""
+    return json.dumps({**record, "prev": prev}, separators=(",", ":")).encode("ascii")
 
 
 def day_of(record: Mapping[str, Any]) -> str:
@@ -98,11 +100,13 @@ class AuditTrail:
             records = [r for group, _ in batch for r in group]
             try:
                 await loop.run_in_executor(self._thread, self.write, records)
-            except (OSError, ValueError) as exc:
+            except BaseException as exc:  # every waiting append hears of it, then go on
                 error = AuditError(f"cannot write the audit trail in {self.root}: {exc}")
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(error)
+                if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                    raise
                 continue
             for _, done in batch:
                 if not done.done():
@@ -116,7 +120,13 @@ class AuditTrail:
     def write(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Append *records* in order, each chained to the line before; fsync'd."""
         with self._locked():
+            files = day_files(self.root)
+            newest = files[-1].name[:10] if files else ""
             for day, group in _by_day(records):
+                # A record stamped before midnight but written after another process
+                # started the new day joins the newest file: the chain never forks.
+                day = max(day, newest)
+                newest = day
                 self._append_day(self.root / f"{day}.jsonl", group)
 
     @contextlib.contextmanager
@@ -154,6 +164,11 @@ class AuditTrail:
             return line_hash(line)
         earlier = [p for p in day_files(self.root) if p.name < path.name]
         for older in reversed(earlier):
+            fd = os.open(older, os.O_RDWR)
+            try:
+                _cut_torn_line(fd)  # a crash at 23:59 left it; never acknowledged
+            finally:
+                os.close(fd)
             line = last_line(older)
             if line is not None:
                 return line_hash(line)

@@ -24,7 +24,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import replace
 
-from relay.config import DeliveryConfig, PolicyConfig
+from relay.config import DeliveryConfig, PolicyConfig, TlsLevel
 from relay.delivery.hostpolicy import targets
 from relay.delivery.mx import DnssecState, MxResolver, route_for
 from relay.delivery.outcome import Outcome, Status
@@ -64,6 +64,17 @@ log = logging.getLogger("relay.delivery")
 
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
 REQUIRETLS_CODE = "5.7.30"  # RFC 8689 6: REQUIRETLS support required
+# RFC 8460 result types that say the server could not be authenticated: for REQUIRETLS
+# a reason to return the message; anything else (a 454, a reset) may pass later.
+AUTHENTICATION = frozenset(
+    {
+        "certificate-host-mismatch",
+        "certificate-expired",
+        "certificate-not-trusted",
+        "tlsa-invalid",
+        "dane-required",
+    }
+)
 
 
 class Deliverer:
@@ -109,9 +120,11 @@ class Deliverer:
             return []
         progress.counted = self._reports is not None and sender != self._report_sender
         progress.requiretls = any(o.upper() == "REQUIRETLS" for o in mail_options)
-        if not progress.requiretls and self.policy.honor_tls_required_no:
+        floor = self.policy.for_domain(domain)[0].level
+        if not progress.requiretls and self.policy.honor_tls_required_no and floor < TlsLevel.DANE:
             # RFC 8689 4.2.2: the sender asks that MTA-STS and DANE failures be ignored;
-            # the configured level still applies (SPEC), and TLS is never given up.
+            # the configured level still applies (SPEC; so never for dane-only), and TLS
+            # is never given up.
             relaxed = (header_value(data, "TLS-Required") or "").lower() == "no"
             progress.relaxed = relaxed
             if relaxed:
@@ -123,6 +136,7 @@ class Deliverer:
                 async with asyncio.timeout(self.cfg.attempt_deadline):
                     await self._deliver(progress, domain, sender, mail_options, data)
             except TimeoutError:
+                progress.other_failures += 1
                 reason = (
                     f"attempt deadline of {self.cfg.attempt_deadline:g}s exceeded "
                     f"during {progress.trace.stage}"
@@ -255,6 +269,8 @@ class Deliverer:
                 return
             session, verdict, reused = got
         session.messages += 1
+        if result.session_error is not None:
+            progress.other_failures += 1  # a 4xx or a dropped session: worth another try
         groups = progress.record(pending, result, session, req, verdict)
         for (status, reason), indexes in groups.items():
             log_attempt(progress, indexes, status, reason, target, req, session.observed, verdict)
@@ -281,7 +297,8 @@ class Deliverer:
         if not isinstance(got, Failure):
             judged = decide(probe, got[0].observed)
             self._log_testing(progress, domain, target, judged)
-            self._count(progress, domain, target, probe, judged, sts)
+            if not got[2]:  # a reused session was counted when it was made
+                self._count(progress, domain, target, probe, judged, sts)
             return got, probe_key, probe_ctx
         untrusted = got.observed is not None and got.observed.handshake_error is not None
         self._log_testing(progress, domain, target, got.verdict, got.reason)
@@ -335,9 +352,10 @@ class Deliverer:
         progress.reasons.append(failure.reason)
         if failure.verdict is not None and not failure.verdict.ok:  # TLS/policy, not connect
             self.metrics.tls_failures.inc()
-            progress.requiretls_failures += 1
+        if failure.verdict is not None and failure.verdict.result_type in AUTHENTICATION:
+            progress.requiretls_failures += 1  # RFC 8689: the server is not authenticated
         else:
-            progress.other_failures += 1
+            progress.other_failures += 1  # may pass later (a 454, a reset, no answer)
         log_attempt(
             progress,
             pending,

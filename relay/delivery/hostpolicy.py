@@ -175,6 +175,14 @@ def requiretls_hosts(
         return hosts
     state = progress.sts
     policy = state.policy if state is not None else None
+    if policy is None and state is not None and state.failure is not None:
+        # Whether the domain has a policy is unknown for now: ask again later.
+        reason = f"REQUIRETLS: the MTA-STS policy of {domain} is unknown: {state.failure}"
+        pending = progress.pending()
+        for i in pending:
+            progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
+        log_attempt(progress, pending, Status.TRANSIENT, reason)
+        return []
     allowed = [] if policy is None or policy.mode is not Mode.ENFORCE else hosts
     allowed = [mx for mx in allowed if policy is not None and mx_allowed(policy, mx.name)]
     if allowed:

@@ -36,6 +36,8 @@ from relay.queue.spool import Spool
 
 log = logging.getLogger("relay.scheduler")
 
+AUDIT_FIELD_MAX = 998  # RFC 5322 line limit: Message-ID and reply as recorded
+
 T = TypeVar("T")
 
 
@@ -325,6 +327,7 @@ def audit_record(env: QueueEnvelope, o: Outcome, message_id: str, now: float) ->
     """The audit trail's record of one delivered recipient (relay.audit.trail)."""
     ev = o.evidence
     when = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds")
+    message_id = message_id[:AUDIT_FIELD_MAX]  # a line stays far below the trail's TAIL
     return {
         "time": when.replace("+00:00", "Z"),
         "queue_id": env.id,
@@ -339,5 +342,5 @@ def audit_record(env: QueueEnvelope, o: Outcome, message_id: str, now: float) ->
         "level_required": ev.level_required if ev else None,
         "level_met": ev.level_met if ev else None,
         "policy_source": ev.policy_source if ev else None,
-        "reply": o.reply,
+        "reply": o.reply[:AUDIT_FIELD_MAX] if o.reply else o.reply,
     }

@@ -134,17 +134,18 @@ def mail(
     submitter: str,
     domain: str,
     day: str,
-    report_id: str,
+    unique: str,
     body: bytes,
     now: float,
 ) -> bytes:
-    """The message that carries one report (RFC 8460 5.3)."""
+    """The message that carries one report (RFC 8460 5.3); *unique*: letters and digits,
+    the report file's unique-id (RFC 8460 5.1)."""
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = to
-    msg["Subject"] = f"Report Domain: {domain} Submitter: {submitter} Report-ID: <{report_id}>"
+    msg["Subject"] = f"Report Domain: {domain} Submitter: {submitter} Report-ID: <{unique}>"
     msg["Date"] = email.utils.formatdate(now)
-    msg["Message-ID"] = f"<{report_id}@{submitter}>"
+    msg["Message-ID"] = f"<{unique}.{day}@{submitter}>"
     msg["TLS-Report-Domain"] = domain
     msg["TLS-Report-Submitter"] = submitter
     msg["TLS-Required"] = "No"  # RFC 8460 5.3 / RFC 8689: the report must get through
@@ -155,7 +156,7 @@ def mail(
         body,
         maintype="application",
         subtype="tlsrpt+gzip",
-        filename=filename(submitter, domain, day, report_id),
+        filename=filename(submitter, domain, day, unique),
     )
     msg.set_type("multipart/report")  # keeps the boundary
     msg.set_param("report-type", "tlsrpt")

@@ -42,6 +42,7 @@ WINDOW = 4 * 3600.0  # reports leave within this many seconds after the day ends
 POST_TIMEOUT = 30.0
 POST_BACKOFF = (60.0, 300.0, 900.0, 3600.0)  # then hourly
 POST_GIVE_UP = 86400.0  # RFC 8460 5.4: a report nobody takes within a day is dropped
+SETTLE = 3 * counts.FLUSH_EVERY  # after midnight, until every process wrote the day out
 
 Txt = Callable[[str], Awaitable[tuple[str, ...] | None]]
 Lookup = Callable[[str], Awaitable[tuple[str, ...]]]
@@ -83,12 +84,16 @@ class ReportSender:
     async def send_due(self, include_today: bool = False, wait: bool = False) -> list[str]:
         """Send the reports that are due; one line per report or skipped domain.
         *wait*: only days past their :func:`send_after` time (serve); else every
-        finished day (the command line)."""
+        finished day (the command line) - but never one that ended less than a flush
+        ago, whose last counts may still be on their way to disk."""
         now = self._clock()
         today = dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
         done: list[str] = []
         for day in counts.days(self.root):
             if day > today or (day == today and not include_today):
+                continue
+            ended = report.day_range(day)[1].timestamp()
+            if day < today and now < ended + SETTLE:
                 continue
             if wait and day < today and now < send_after(day, self.submitter):
                 continue
@@ -97,38 +102,56 @@ class ReportSender:
         return done
 
     async def _send_day(self, day: str) -> list[str]:
+        """Each domain of *day* once: a handled domain is recorded in ``sent/DAY`` so a
+        later run (after a DNS failure of another domain) does not send it again."""
         lines: list[str] = []
         complete = True
+        handled = _handled(self.root, day)
         for domain, policies in sorted(counts.load_day(self.root, day).items()):
-            records = await self._txt(f"_smtp._tls.{domain}")
-            if records is None:
-                complete = False  # DNS failed: the day is kept for the next run
-                lines.append(f"{day} {domain}: _smtp._tls lookup failed; kept for later")
+            if domain in handled:
                 continue
-            rua = report.parse_tlsrpt(records)
-            if not rua:
-                lines.append(f"{day} {domain}: publishes no TLS-RPT record; nothing sent")
-                continue
-            report_id = f"{day}.{domain}.{uuid.uuid4().hex[:12]}@{self.submitter}"
-            body = report.gzipped(
-                report.build(self.cfg.organization, self.cfg.contact, day, report_id, policies)
-            )
-            for uri in rua:
-                lines.append(f"{day} {domain}: {self._deliver(uri, domain, day, report_id, body)}")
+            try:
+                line, finished = await self._send_domain(day, domain, policies)
+            except Exception as exc:  # one domain's trouble never holds up the others
+                line, finished = f"failed: {exc}", False
+                event(log, "tls_report_failed", logging.WARNING, domain=domain, day=day, error=exc)
+            lines.append(f"{day} {domain}: {line}")
+            if finished:
+                _mark_handled(self.root, day, domain)
+            else:
+                complete = False
         if complete:
             counts.remove_day(self.root, day)
+            (self.root / "sent" / day).unlink(missing_ok=True)
         return lines
 
-    def _deliver(self, uri: str, domain: str, day: str, report_id: str, body: bytes) -> str:
+    async def _send_domain(
+        self, day: str, domain: str, policies: list[counts.PolicyCounts]
+    ) -> tuple[str, bool]:
+        records = await self._txt(f"_smtp._tls.{domain}")
+        if records is None:
+            return "_smtp._tls lookup failed; kept for later", False
+        rua = report.parse_tlsrpt(records)
+        if not rua:
+            return "publishes no TLS-RPT record; nothing sent", True
+        unique = uuid.uuid4().hex
+        report_id = f"{day}.{domain}.{unique}@{self.submitter}"
+        doc = report.build(self.cfg.organization, self.cfg.contact, day, report_id, policies)
+        body = report.gzipped(doc)
+        return "; ".join(self._deliver(uri, domain, day, unique, body) for uri in rua), True
+
+    def _deliver(self, uri: str, domain: str, day: str, unique: str, body: bytes) -> str:
         if uri.startswith("mailto:"):
             to = uri[len("mailto:") :].split("?")[0]
+            if not _is_address(to):
+                return f"not an address in its rua: {to!r}; skipped"
             data = report.mail(
-                self.cfg.sender, to, self.submitter, domain, day, report_id, body, self._clock()
+                self.cfg.sender, to, self.submitter, domain, day, unique, body, self._clock()
             )
             self._submit(self.cfg.sender, [to], data)
-            event(log, "tls_report_queued", domain=domain, day=day, to=to, report_id=report_id)
+            event(log, "tls_report_queued", domain=domain, day=day, to=to, report_id=unique)
             return f"mailed to {to} (queued)"
-        self._queue_post(uri, domain, day, report_id, body)
+        self._queue_post(uri, domain, day, unique, body)
         return f"POST to {uri} queued"
 
     # ---- HTTPS posts, retried for a day ------------------------------------------------------
@@ -195,6 +218,28 @@ async def _post(client: aiohttp.ClientSession, uri: str, body: bytes) -> str | N
             return f"HTTP {r.status}"
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return str(exc) or type(exc).__name__
+
+
+def _is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return (
+        bool(at and local and domain)
+        and text.isprintable()
+        and not any(c.isspace() or c in "<>," for c in text)
+    )
+
+
+def _handled(root: Path, day: str) -> set[str]:
+    try:
+        return set((root / "sent" / day).read_text().split())
+    except FileNotFoundError:
+        return set()
+
+
+def _mark_handled(root: Path, day: str, domain: str) -> None:
+    (root / "sent").mkdir(exist_ok=True)
+    with (root / "sent" / day).open("a") as fh:
+        fh.write(domain + "\n")
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -129,3 +129,34 @@ def test_several_processes_append_to_one_chain(tmp_path: Path) -> None:
         assert p.exitcode == 0
     result = verify(tmp_path)
     assert (result.ok, result.lines) == (True, 120), result.problem
+
+
+def test_a_reply_with_an_undecodable_byte_is_recorded_not_an_error(tmp_path: Path) -> None:
+    """aiosmtplib keeps a reply byte it cannot decode as a lone surrogate."""
+    trail = AuditTrail(tmp_path)
+    trail.setup()
+    trail.write([{**rec(1), "reply": "250 ok \udcff"}, rec(2)])
+    assert verify(tmp_path).lines == 2
+    assert next(records(tmp_path))["reply"] == "250 ok \udcff"
+
+
+def test_a_record_stamped_before_midnight_never_forks_the_chain(tmp_path: Path) -> None:
+    """Another worker (or a clock step) started the new day first: the late record joins
+    the newest file instead of appending behind it."""
+    trail = AuditTrail(tmp_path)
+    trail.setup()
+    trail.write([rec(1, "2026-12-01")])
+    trail.write([rec(2, "2026-12-02")])
+    trail.write([rec(3, "2026-12-01")])  # late
+    assert verify(tmp_path).ok
+    assert len(lines(tmp_path / "2026-12-02.jsonl")) == 2
+
+
+def test_a_torn_line_in_the_previous_days_file_is_cut_too(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path)
+    trail.setup()
+    trail.write([rec(1, "2026-12-01")])
+    with (tmp_path / "2026-12-01.jsonl").open("ab") as fh:
+        fh.write(b'{"time":"2026-12-01T23:59:59')  # crash at 23:59
+    trail.write([rec(2, "2026-12-02")])  # after the restart, the next day
+    assert verify(tmp_path).ok

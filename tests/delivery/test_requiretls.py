@@ -7,17 +7,22 @@ on; otherwise the recipients fail with 5.7.30 - and no MAIL reaches a peer.  Als
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from relay.app import new_deliverer
+from relay.config import DomainPolicy, TlsLevel
 from relay.delivery.outcome import Status
 from relay.metrics import Metrics
 from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 from tests.delivery.test_deliverer import (
     MESSAGE,
     PEER1,
+    PEER2,
     FakeResolver,
     _tls_peer,
     make_cfg,
@@ -113,3 +118,45 @@ async def test_tls_required_no_relaxes_dane_but_never_the_floor(
     (relaxed,) = await send(d, ["a@example.test"], data=relaxed_data)
     assert relaxed.status is Status.DELIVERED, relaxed.reason
     assert relaxed.evidence is not None and relaxed.evidence.policy_source == "static"
+
+
+async def test_trouble_that_may_pass_defers_instead_of_returning(
+    ca: trustme.CA, ca_file: Path, peers: list
+) -> None:
+    """Only an unauthenticated server or a missing REQUIRETLS returns the message: a 454
+    to STARTTLS, or a 451 to MAIL from the one MX that offers REQUIRETLS, is retried."""
+    port = free_port(PEER1)
+    refusing = await start(peers, SmtpPeer(PEER1, port, starttls="refuse"))
+    ctx = server_context(ca.issue_cert("mx2.example.test"))
+    busy = SmtpPeer(
+        PEER2, port, tls_context=ctx, extensions=EXTENSIONS, mail_reply="451 4.3.2 busy"
+    )
+    await start(peers, busy)
+    two = {"example.test": [("mx1.example.test", PEER1), ("mx2.example.test", PEER2)]}
+    d = new_deliverer(
+        make_cfg(port, ca_file), policy(), "relay.test", FakeResolver(two, secure=True), Metrics()
+    )
+    (outcome,) = await send(d, ["a@example.test"], options=REQUIRETLS)
+    assert (outcome.status, outcome.status_code) == (Status.TRANSIENT, None), outcome.reason
+    assert "MAIL" not in refusing.verbs()
+
+
+async def test_tls_required_no_never_relaxes_a_dane_only_floor(
+    ca: trustme.CA, ca_file: Path, peers: list
+) -> None:
+    leaf = ca.issue_cert("mx1.example.test")
+    port = free_port(PEER1)
+    await start(peers, SmtpPeer(PEER1, port, tls_context=server_context(leaf)))
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    match = Tlsa(3, 1, 1, hashlib.sha256(spki).digest())
+    tlsa = {"mx1.example.test": TlsaSet("_x", TlsaStatus.SECURE, (match,))}
+    bank = policy(**{"example.test": DomainPolicy(level=TlsLevel.DANE_ONLY)})
+    d = new_deliverer(
+        make_cfg(port, ca_file), bank, "relay.test", FakeResolver(MX, tlsa=tlsa), Metrics()
+    )
+    (outcome,) = await send(d, ["a@example.test"], data=b"TLS-Required: No\r\n" + MESSAGE)
+    assert outcome.status is Status.DELIVERED, outcome.reason
+    assert outcome.evidence is not None and outcome.evidence.level_met == "dane"

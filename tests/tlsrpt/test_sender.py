@@ -89,3 +89,58 @@ async def test_a_failed_tlsrpt_lookup_keeps_the_day(tmp_path: Path, ca_file: Pat
     clock.now += 86400
     assert "lookup failed; kept for later" in (await sender.send_due())[0]
     assert counts.days(tmp_path) == ["2026-12-01"]
+
+
+async def test_each_domain_is_sent_once_even_when_another_waits(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    clock = Clock(DAY1)
+    counted(tmp_path, clock, "a.test", "b.test", "c.test")
+    answers: dict[str, tuple[str, ...] | None] = {
+        "_smtp._tls.a.test": ("v=TLSRPTv1; rua=mailto:tls@a.test",),
+        "_smtp._tls.b.test": None,  # SERVFAIL for now
+        "_smtp._tls.c.test": ("v=TLSRPTv1; rua=mailto:bad\r\nBcc: x@evil.test",),
+    }
+
+    async def txt(name: str) -> tuple[str, ...] | None:
+        return answers[name]
+
+    async def lookup(host: str) -> tuple[str, ...]:
+        return ()
+
+    mailed: list[list[str]] = []
+    sender = ReportSender(
+        tmp_path, CFG, "r.test", txt, lookup, lambda s, r, d: mailed.append(r), ca_file, clock
+    )
+    clock.now += 86400
+    lines = await sender.send_due()
+    assert "2026-12-01 c.test: not an address in its rua" in lines[2]
+    await sender.send_due()
+    assert mailed == [["tls@a.test"]]  # not again while b.test waits
+    assert counts.days(tmp_path) == ["2026-12-01"]
+    answers["_smtp._tls.b.test"] = ("v=TLSRPTv1; rua=mailto:tls@b.test",)
+    await sender.send_due()
+    assert mailed == [["tls@a.test"], ["tls@b.test"]]
+    assert counts.days(tmp_path) == []
+
+
+async def test_a_day_is_not_sent_before_every_process_wrote_it_out(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    clock = Clock(DAY1)
+    counted(tmp_path, clock, "a.test")
+
+    async def txt(name: str) -> tuple[str, ...] | None:
+        return ("v=TLSRPTv1; rua=mailto:tls@a.test",)
+
+    async def lookup(host: str) -> tuple[str, ...]:
+        return ()
+
+    mailed: list[list[str]] = []
+    sender = ReportSender(
+        tmp_path, CFG, "r.test", txt, lookup, lambda s, r, d: mailed.append(r), ca_file, clock
+    )
+    clock.now = DAY1 + 12 * 3600 + 1  # one second after midnight
+    assert await sender.send_due() == [] and mailed == []
+    clock.now += 60
+    assert len(await sender.send_due()) == 1 and mailed == [["tls@a.test"]]
