@@ -60,10 +60,12 @@ def _mail_options(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> lis
     for option in tx.mail_options:
         key, value = _keyword(option)
         if key == "SMTPUTF8":
-            # RFC 6531 §3.4: an SMTPUTF8 message must not go to a server without it.
-            if not smtp.supports_extension("smtputf8"):
+            if smtp.supports_extension("smtputf8"):
+                opts.append("SMTPUTF8")
+            elif needs_smtputf8(tx):
+                # RFC 6531 §3.4: UTF-8 addresses or headers must not go to a server without it.
                 return f"destination lacks SMTPUTF8, which the message needs ({target.label})"
-            opts.append("SMTPUTF8")
+            # else: declared but not needed (all ASCII): sent without it, as Postfix does.
         elif key == "BODY" and value.upper() == "8BITMIME":
             # RFC 6152 §3: 8-bit data only to a server that advertises 8BITMIME.
             if not smtp.supports_extension("8bitmime"):
@@ -82,6 +84,16 @@ def _mail_options(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> lis
     if smtp.supports_extension("size"):
         opts.insert(0, f"SIZE={len(tx.data)}")  # RFC 1870 §6
     return opts
+
+
+def needs_smtputf8(tx: Transaction) -> bool:
+    """Does the message really use RFC 6531/6532: a non-ASCII address in the envelope or
+    non-ASCII text in its header section?  (8-bit body text is 8BITMIME's business.)"""
+    if not tx.sender.isascii() or any(not r.isascii() for r, _ in tx.recipients):
+        return True
+    end = tx.data.find(b"\r\n\r\n")
+    head = tx.data[: end if end >= 0 else len(tx.data)]
+    return not head.isascii()
 
 
 def _size_problem(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> str | None:

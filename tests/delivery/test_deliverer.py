@@ -409,12 +409,24 @@ async def test_advertised_size_is_respected(ca: trustme.CA, ca_file: Path, peers
 
 
 async def test_smtputf8_needed_but_missing(ca: trustme.CA, ca_file: Path, peers: list) -> None:
+    """Issue 15: only a message that really uses UTF-8 (address or header) needs a next
+    hop with SMTPUTF8; one that merely declared it goes without, as Postfix sends it."""
     peer = await _tls_peer(peers, ca, extensions=("8BITMIME",))
     resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
-    d = new_deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver, Metrics())
-    outcomes = await send(d, ["a@example.test"], options=["SMTPUTF8", "BODY=8BITMIME"])
-    assert outcomes[0].status is Status.PERMANENT
-    assert "destination lacks SMTPUTF8" in outcomes[0].reason
+    cfg = make_cfg(peer.port, ca_file)
+    options = ["SMTPUTF8", "BODY=8BITMIME"]
+    utf8_header = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n" + MESSAGE
+    for rcpt, data in (("ü@example.test", MESSAGE), ("a@example.test", utf8_header)):
+        d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics())
+        (outcome,) = await send(d, [rcpt], data=data, options=options)
+        assert outcome.status is Status.PERMANENT
+        assert "destination lacks SMTPUTF8" in outcome.reason
+    assert "MAIL" not in peer.verbs()
+    d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics())
+    (outcome,) = await send(d, ["a@example.test"], options=options)
+    assert outcome.status is Status.DELIVERED, outcome.reason
+    mail = next(c.line for c in peer.commands if c.verb == "MAIL")
+    assert mail == "MAIL FROM:<app@src.test> BODY=8BITMIME"
 
 
 async def test_options_carried(ca: trustme.CA, ca_file: Path, peers: list) -> None:
