@@ -271,6 +271,8 @@ class Deliverer:
         session.messages += 1
         if result.session_error is not None:
             progress.other_failures += 1  # a 4xx or a dropped session: worth another try
+        if result.converted:  # RFC 6152 §3, as Postfix: 8-bit parts went as QP / base64
+            event(log, "converted_to_7bit", queue_id=progress.queue_id, mx=target.label)
         groups = progress.record(pending, result, session, req, verdict)
         for (status, reason), indexes in groups.items():
             log_attempt(progress, indexes, status, reason, target, req, session.observed, verdict)

@@ -12,6 +12,7 @@ Not: opening sessions (relay.delivery.session), choosing hosts or pooling
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
 from relay.config import DeliveryConfig
+from relay.delivery.downgrade import needs_8bitmime, to_7bit
 from relay.delivery.outcome import Decision, Status, decision_for, raw_reply, reply_text
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.wiredata import command, pipelined, send_data
@@ -47,6 +49,7 @@ class TxResult:
     # A reused session turned out dead or unfit before any message data went out:
     # nothing was decided, and the same recipients may go over a fresh session.
     stale: bool = False
+    converted: bool = False  # the data went as 7 bit (RFC 6152 §3): said in the log line
 
 
 def _keyword(option: str) -> tuple[str, str]:
@@ -67,7 +70,8 @@ def _mail_options(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> lis
                 return f"destination lacks SMTPUTF8, which the message needs ({target.label})"
             # else: declared but not needed (all ASCII): sent without it, as Postfix does.
         elif key == "BODY" and value.upper() == "8BITMIME":
-            # RFC 6152 §3: 8-bit data only to a server that advertises 8BITMIME.
+            # RFC 6152 §3: 8-bit data only to a server that advertises 8BITMIME (transact
+            # converts the message to 7 bit, without this option, for one that does not).
             if not smtp.supports_extension("8bitmime"):
                 return f"destination lacks 8BITMIME, which the message needs ({target.label})"
             opts.append("BODY=8BITMIME")
@@ -138,6 +142,18 @@ async def transact(
     if smtp.get_transport_info("ssl_object") is None:  # defence in depth: never plaintext
         result.session_error = f"refusing MAIL to {target.label}: the session is not TLS"
         return result
+    if needs_8bitmime(tx.mail_options, tx.data) and not smtp.supports_extension("8bitmime"):
+        # RFC 6152 §3: convert to 7 bit for a server without 8BITMIME, as Postfix does.
+        converted = to_7bit(tx.data)
+        if converted is None:
+            result.reusable = True
+            why = (
+                f"destination lacks 8BITMIME and the message cannot be made 7-bit ({target.label})"
+            )
+            return _all(result, count, Status.PERMANENT, why)
+        options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
+        tx = dataclasses.replace(tx, mail_options=options, data=converted)
+        result.converted = True
     opts = _mail_options(tx, smtp, target)
     problem = opts if isinstance(opts, str) else _size_problem(tx, smtp, target)
     if problem is not None or isinstance(opts, str):

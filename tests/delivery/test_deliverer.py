@@ -7,6 +7,7 @@ peers) sharing one port, which is ``delivery.port``; a fake resolver maps names 
 from __future__ import annotations
 
 import asyncio
+import email
 import hashlib
 import logging
 import re
@@ -783,3 +784,21 @@ async def test_dane_host_is_not_subject_to_an_mta_sts_policy(
         assert outcome.status is want
         assert text in caplog.text + outcome.reason
     assert len(postfix_mx.wait_messages(1)) == 1
+
+
+async def test_8bit_message_converted_for_a_next_hop_without_8bitmime(
+    ca: trustme.CA, ca_file: Path, peers: list
+) -> None:
+    """Issue 15 / RFC 6152 §3: not bounced, but sent as 7 bit (as Postfix does)."""
+    peer = await _tls_peer(peers, ca, extensions=("ENHANCEDSTATUSCODES",))
+    resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
+    d = new_deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver, Metrics())
+    data = b"From: a@src.test\r\nSubject: hi\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    (outcome,) = await send(d, ["a@example.test"], data=data, options=["BODY=8BITMIME"])
+    assert outcome.status is Status.DELIVERED, outcome.reason
+    mail = next(c.line for c in peer.commands if c.verb == "MAIL")
+    assert mail == "MAIL FROM:<app@src.test>"
+    got = peer.messages[0].data
+    assert got.isascii() and b"Content-Transfer-Encoding: quoted-printable" in got
+    body = email.message_from_bytes(got.removesuffix(b".\r\n")).get_payload(decode=True)
+    assert body == b"Gr\xc3\xbc\xc3\x9fe\r\n"

@@ -54,7 +54,9 @@ def test_mail_options_without_extensions() -> None:
     assert _mail_options(_env("SIZE=5", "RET=FULL", "BODY=7BIT"), _smtp(), TARGET) == []
     problem = _mail_options(_env("BODY=8BITMIME"), _smtp(), TARGET)
     assert isinstance(problem, str) and "destination lacks 8BITMIME" in problem
-    problem = _mail_options(_env("SMTPUTF8"), _smtp(), TARGET)
+    assert _mail_options(_env("SMTPUTF8"), _smtp(), TARGET) == []  # declared, not needed
+    utf8 = Transaction("a@src.test", ["SMTPUTF8"], [("ü@example.test", ())], b"x")
+    problem = _mail_options(utf8, _smtp(), TARGET)
     assert isinstance(problem, str) and "destination lacks SMTPUTF8" in problem
 
 
