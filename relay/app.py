@@ -32,13 +32,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay import certs, workers
 from relay import log as relaylog
-from relay import workers
 from relay.audit.trail import AuditTrail
 from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel, TlsReportsConfig
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import DnssecState, MxResolver
 from relay.delivery.pool import SessionPool
+from relay.health import Readiness
 from relay.intake import tlscontext
 from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate
@@ -58,6 +59,7 @@ from relay.tlsrpt.sender import ReportSender
 
 log = logging.getLogger("relay.app")
 
+CERT_CHECK_EVERY = 86400.0  # seconds between certificate expiry checks
 DNSSEC_REPROBE = 300.0  # seconds between DNSSEC probes of the resolver (DANE)
 DNSSEC_RETRY = 30.0  # ... while no probe has been answered (deliveries wait meanwhile)
 
@@ -80,7 +82,9 @@ class App:
     resolver: MxResolver | None = None  # probed for DNSSEC when the policy asks for DANE
     tls_counts: TlsCounts | None = None  # RFC 8460 session counts (tls_reports configured)
     report_sender: ReportSender | None = None  # in one process only (worker 0)
+    readiness: Readiness | None = None  # /readyz (relay.health)
     _dnssec_watch: asyncio.Task[None] | None = None
+    _cert_watch: asyncio.Task[None] | None = None
     _reports_task: asyncio.Task[None] | None = None
 
     def on_queued(self, qid: str) -> None:
@@ -106,6 +110,8 @@ class App:
             for listener in self.listeners:
                 await listener.start()
                 started.append(listener)
+            if self.readiness is not None:
+                self.readiness.listening = True
         except BaseException:
             await asyncio.gather(*(x.stop() for x in started), return_exceptions=True)
             await self._stop_dnssec_watch()
@@ -113,6 +119,7 @@ class App:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
+        self._cert_watch = asyncio.create_task(self._watch_certificates())
         event(
             log,
             "relay_started",
@@ -162,6 +169,16 @@ class App:
             except Exception:  # never let the watch die silently: DANE would freeze
                 log.exception("dnssec_probe_error")
 
+    async def _watch_certificates(self) -> None:
+        """A warning at start and once a day while a listener certificate expires within
+        30 days (relay.certs.expiry_warning)."""
+        while True:
+            for cert in (self.cfg.tls.cert, self.cfg.tls.rsa_cert):
+                warning = certs.expiry_warning(cert) if cert is not None else None
+                if warning is not None:
+                    event(log, "certificate_expiring", logging.WARNING, warning=warning)
+            await asyncio.sleep(CERT_CHECK_EVERY)
+
     async def _stop_dnssec_watch(self) -> None:
         if self._dnssec_watch is not None:
             self._dnssec_watch.cancel()
@@ -169,6 +186,10 @@ class App:
             self._dnssec_watch = None
 
     async def stop(self) -> None:
+        if self._cert_watch is not None:
+            self._cert_watch.cancel()
+        if self.readiness is not None:
+            self.readiness.listening = False  # draining: take no new mail
         await self._stop_dnssec_watch()
         await asyncio.gather(*(x.stop() for x in self.listeners))
         await self.scheduler.stop(self.cfg.queue.shutdown_grace)
@@ -248,8 +269,11 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     metrics.connections_active.track(lambda: gate.connections)
     metrics.queue_messages.track(lambda: scheduler.queued)
     metrics.queue_held.track(lambda: len(spool.ids(held=True)))  # one listdir per scrape
+    app.readiness = Readiness(spool.queue_dir, cfg.limits.max_message_size)
     if cfg.metrics is not None:  # bind only where configured
-        app.metrics_server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port)
+        app.metrics_server = MetricsServer(
+            metrics, cfg.metrics.host, cfg.metrics.port, ready=app.readiness.problem
+        )
     return app
 
 

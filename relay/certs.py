@@ -189,6 +189,24 @@ def pair_problems(cert: Path, key: Path, now: dt.datetime | None = None) -> list
     return problems
 
 
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def expiry_warning(cert: Path, now: dt.datetime | None = None) -> str | None:
+    """A sentence when *cert* expires within EXPIRY_WARNING (expired is an error, said by
+    pair_problems); None otherwise, or when it cannot be read."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    left = certificate.not_valid_after_utc - now
+    if dt.timedelta(0) <= left < EXPIRY_WARNING:
+        when = f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        return f"{cert}: certificate expires in {left.days} days ({when}); renew it"
+    return None
+
+
 def key_kind(cert: Path) -> str:
     """ "RSA", "ECDSA", "Ed25519", ... for the (first) certificate in *cert*."""
     try:

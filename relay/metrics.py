@@ -216,8 +216,10 @@ class MetricsServer:
         *,
         read_timeout: float = READ_TIMEOUT,
         max_request: int = MAX_REQUEST,
+        ready: Callable[[], str | None] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.ready = ready  # /readyz: None when ready, else why not (relay.health)
         self.host = host
         self.requested_port = port
         self.read_timeout = read_timeout
@@ -297,10 +299,17 @@ class MetricsServer:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return _response(400, "Bad Request", "bad request\n")
         method, target = parts[0], parts[1].split("?", 1)[0]
-        if target != "/metrics":
-            return _response(404, "Not Found", "not found; try /metrics\n")
+        if target not in ("/metrics", "/healthz", "/readyz"):
+            return _response(404, "Not Found", "not found; try /metrics, /healthz, /readyz\n")
         if method != "GET":
             return _response(405, "Method Not Allowed", "only GET\n", ("Allow: GET",))
+        if target == "/healthz":
+            return _response(200, "OK", "ok\n")  # the process answers: it is alive
+        if target == "/readyz":
+            problem = self.ready() if self.ready is not None else None
+            if problem is not None:
+                return _response(503, "Service Unavailable", f"not ready: {problem}\n")
+            return _response(200, "OK", "ready\n")
         return _response(200, "OK", self.metrics.render(), (f"Content-Type: {CONTENT_TYPE}",))
 
 

@@ -158,3 +158,15 @@ def test_gen_cert_rsa_pair_beside_the_ecdsa_one(tmp_path: Path) -> None:
     assert usage.key_encipherment
     assert (certs.key_kind(cert_path), certs.key_kind(ec_cert)) == ("RSA", "ECDSA")
     assert certs.check_pair(cert_path, key_path) == []
+
+
+def test_expiry_warning_within_30_days_only(tmp_path: Path) -> None:
+    cert_path, _ = certs.gen_cert("relay.test", tmp_path)  # valid 365 days
+    now = dt.datetime.now(dt.UTC)
+    assert certs.expiry_warning(cert_path, now) is None
+    soon = certs.expiry_warning(cert_path, now + dt.timedelta(days=350))
+    assert soon is not None and "certificate expires in 14 days" in soon
+    assert str(cert_path) in soon
+    assert (
+        certs.expiry_warning(cert_path, now + dt.timedelta(days=400)) is None
+    )  # expired: an error

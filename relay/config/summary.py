@@ -5,6 +5,7 @@ Not: validation (relay.config.load) or anything about delivery at run time.
 
 from __future__ import annotations
 
+from relay import certs
 from relay.config import units
 from relay.config.model import Config, PolicyConfig, ResolverConfig, Route
 
@@ -40,6 +41,10 @@ def summary(cfg: Config, dane: str | None = None) -> str:
             else "off"
         )
     )
+    for cert in (cfg.tls.cert, cfg.tls.rsa_cert):
+        warning = certs.expiry_warning(cert) if cert is not None else None
+        if warning is not None:
+            lines.append(f"warning: {warning}")
     if cfg.audit is not None:
         where = cfg.audit.path if cfg.audit.enabled else "off"
         lines.append(f"audit trail: {where}")

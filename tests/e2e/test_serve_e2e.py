@@ -9,6 +9,7 @@ tests, then on the standard loop only, could not see.  Only 127.0.0.1 is contact
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import socket
 import ssl
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 
 from tests.fixtures.net import free_port
@@ -163,3 +165,26 @@ def test_implicit_tls_counts_from_accept_and_closes_over_the_cap_at_once(
     assert code == 220
     assert "tls_handshake_failed" in proc.log_text()
     _no_tracebacks(proc)
+
+
+def test_a_certificate_expiring_soon_is_warned_about(
+    relay: RelayFactory, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Issue 13: a warning at start (and daily) and in check-config, which exits 0."""
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=10)
+    leaf = ca.issue_cert("localhost", "127.0.0.1", not_after=soon)
+    cert, key = tmp_path / "soon.pem", tmp_path / "soon.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    proc = relay(extra_config={"tls": {"cert": str(cert), "key": str(key)}})
+    log = proc.wait_log(" certificate_expiring ")
+    line = next(x for x in log.splitlines() if " certificate_expiring " in x)
+    assert "WARNING" in line and "certificate expires in 9 days" in line
+    out = subprocess.run(
+        [BIN, "check-config", "-c", str(proc.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0 and "warning: " in out.stdout and "expires in 9 days" in out.stdout
