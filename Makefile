@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= config/relay.yaml
-DEBS    := postfix swaks unbound nsd ldnsutils
+DEBS    := postfix swaks unbound nsd ldnsutils systemd
 
 .PHONY: run test check lint bench deps venv clean
 
@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian packages for the real-peer tests: Postfix as the receiving MX, swaks as client,
-# and the DNSSEC lab for DANE tests (nsd + validating unbound over zones signed with ldnsutils).
+# the DNSSEC lab for DANE tests (nsd + validating unbound over zones signed with ldnsutils),
+# and systemd-analyze to check the unit under deploy/systemd.
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
