@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from relay import certs, workers
 from relay import log as relaylog
+from relay import workers
 from relay.audit.trail import AuditTrail
 from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel, TlsReportsConfig
 from relay.delivery.deliverer import Deliverer
-from relay.delivery.mx import DnssecState, MxResolver
+from relay.delivery.mx import MxResolver
 from relay.delivery.pool import SessionPool
 from relay.health import Readiness
 from relay.intake import tlscontext
@@ -50,22 +50,16 @@ from relay.metrics import Metrics, MetricsServer
 from relay.queue.envelope import QueueEnvelope, Recipient
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool, claim
+from relay.reload import reload
 from relay.tlspolicy.contexts import ClientContexts
 from relay.tlspolicy.stsfetch import StsFetcher
 from relay.tlspolicy.ststore import StsPolicies
 from relay.tlsrpt import sender as tlsrpt_sender
 from relay.tlsrpt.counts import TlsCounts
 from relay.tlsrpt.sender import ReportSender
+from relay.watch import watch_certificates, watch_dnssec
 
 log = logging.getLogger("relay.app")
-
-CERT_CHECK_EVERY = 86400.0  # seconds between certificate expiry checks
-DNSSEC_REPROBE = 300.0  # seconds between DNSSEC probes of the resolver (DANE)
-DNSSEC_RETRY = 30.0  # ... while no probe has been answered (deliveries wait meanwhile)
-
-
-def _reprobe_after(state: DnssecState) -> float:
-    return DNSSEC_RETRY if state is DnssecState.UNKNOWN else DNSSEC_REPROBE
 
 
 @dataclass
@@ -85,7 +79,14 @@ class App:
     readiness: Readiness | None = None  # /readyz (relay.health)
     _dnssec_watch: asyncio.Task[None] | None = None
     _cert_watch: asyncio.Task[None] | None = None
+    _auth_executor: concurrent.futures.ThreadPoolExecutor | None = None
     _reports_task: asyncio.Task[None] | None = None
+
+    def passwords_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The scrypt threads, one pool for the process (a reload keeps it)."""
+        if self._auth_executor is None:
+            self._auth_executor = auth_executor()
+        return self._auth_executor
 
     def on_queued(self, qid: str) -> None:
         """A message is on disk and acknowledged; hand it to the queue side."""
@@ -95,7 +96,8 @@ class App:
     async def start(self) -> None:
         if self.cfg.policy.dane and self.resolver is not None:
             # Deliveries wait for its first verdict (MxResolver.ready); listeners do not.
-            self._dnssec_watch = asyncio.create_task(self._watch_dnssec())
+            dane_only = [d for d, p in self.cfg.policy.domains.items() if p.level >= TlsLevel.DANE]
+            self._dnssec_watch = asyncio.create_task(watch_dnssec(self.resolver, dane_only))
         # Queue side first: its spool recovery must finish before any listener writes.
         await self.scheduler.start()
         if self.tls_counts is not None:
@@ -119,7 +121,7 @@ class App:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
-        self._cert_watch = asyncio.create_task(self._watch_certificates())
+        self._cert_watch = asyncio.create_task(watch_certificates(lambda: self.cfg.tls))
         event(
             log,
             "relay_started",
@@ -130,54 +132,6 @@ class App:
             metrics=self.metrics_server.address if self.metrics_server else None,
             loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],  # uvloop|asyncio
         )
-
-    async def _probe_dnssec(self, log_unchanged: bool = False) -> None:
-        """Postfix's dnssec_probe: DANE only while the resolver proves it validates.
-        Logged when the verdict changes (and at start); a probe without an answer
-        keeps the verdict and is logged on its own."""
-        assert self.resolver is not None
-        was = self.resolver.dnssec_state
-        why = await self.resolver.probe_dnssec()
-        state = self.resolver.dnssec_state
-        if state is DnssecState.VALIDATING:
-            if state is not was or log_unchanged:
-                event(log, "dane_enabled", reason="the resolver validates ('. NS' with AD)")
-            return
-        if state is was and not log_unchanged and state is not DnssecState.UNKNOWN:
-            return
-        dane_only = [d for d, p in self.cfg.policy.domains.items() if p.level >= TlsLevel.DANE]
-        unknown = state is DnssecState.UNKNOWN
-        event(
-            log,
-            "dnssec_probe_failed" if why and state is was and not unknown else "dane_disabled",
-            logging.WARNING,
-            reason=why,
-            # Never answered yet: mail to MX hosts waits rather than go without DANE.
-            deferred="all MX deliveries" if unknown else ",".join(dane_only) or None,
-            retry=f"in {_reprobe_after(state):g}s",
-        )
-
-    async def _watch_dnssec(self) -> None:
-        """Probe again now and then: a resolver started after the relay turns DANE on,
-        one that stopped validating turns it off (and says so)."""
-        assert self.resolver is not None
-        await self._probe_dnssec(log_unchanged=True)
-        while True:
-            await asyncio.sleep(_reprobe_after(self.resolver.dnssec_state))
-            try:
-                await self._probe_dnssec()
-            except Exception:  # never let the watch die silently: DANE would freeze
-                log.exception("dnssec_probe_error")
-
-    async def _watch_certificates(self) -> None:
-        """A warning at start and once a day while a listener certificate expires within
-        30 days (relay.certs.expiry_warning)."""
-        while True:
-            for cert in (self.cfg.tls.cert, self.cfg.tls.rsa_cert):
-                warning = certs.expiry_warning(cert) if cert is not None else None
-                if warning is not None:
-                    event(log, "certificate_expiring", logging.WARNING, warning=warning)
-            await asyncio.sleep(CERT_CHECK_EVERY)
 
     async def _stop_dnssec_watch(self) -> None:
         if self._dnssec_watch is not None:
@@ -211,7 +165,8 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     spool = Spool(cfg.spool.path)
     spool.setup()
     users = UserDb.load(cfg.clients.users_file) if cfg.clients.users_file else None
-    passwords = PasswordChecker(users, auth_executor()) if users is not None else None
+    executor = auth_executor()
+    passwords = PasswordChecker(users, executor) if users is not None else None
     context = tlscontext.server_context(cfg.tls)
     limits = cfg.limits
     if worker is not None:
@@ -259,6 +214,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         resolver=resolver,
         tls_counts=counts,
     )
+    app._auth_executor = executor
     if cfg.tls_reports is not None and (worker is None or worker.index == 0):
         app.report_sender = report_sender(cfg, resolver, spool, app.on_queued)
     sockets = worker.sockets if worker is not None else (None,) * len(cfg.listeners)
@@ -344,7 +300,7 @@ async def run(app: App) -> int:
     stopping = asyncio.Event()
     for sig in workers.STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, workers.ignore_hangup)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(app))
     try:
         await app.start()
         await stopping.wait()

@@ -96,8 +96,13 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
         for pid in children:
             _signal(pid, signum)
 
+    def hangup(signum: int, _frame: object) -> None:
+        event(log, "reload_forwarded", workers=len(children))
+        for pid in children:  # each worker reloads its own process (relay.reload)
+            _signal(pid, signal.SIGHUP)
+
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, ignore_hangup)
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     restarts: list[float] = []
     status = 0
     try:
@@ -132,10 +137,10 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
 
 
 def ignore_hangup(signum: int = signal.SIGHUP, _frame: object = None) -> None:
-    """SIGHUP (a terminal closing, or an operator expecting a reload) must never stop
-    the relay: its default action killed it with 129 and left workers holding the ports.
-    Until reload exists it is logged and ignored."""
-    event(log, "sighup_ignored", logging.WARNING, reason="reload is not implemented yet")
+    """SIGHUP before the event loop handles it (start-up) must never stop the relay:
+    its default action killed it with 129 and left workers holding the ports.  Logged
+    and ignored; once serving, SIGHUP reloads (relay.reload)."""
+    event(log, "sighup_ignored", logging.WARNING, reason="still starting; send it again")
 
 
 def _die_with_parent(parent: int) -> None:

@@ -194,6 +194,12 @@ class Listener:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._stopping = False
 
+    def reload(self, ssl_context: ssl.SSLContext, passwords: PasswordChecker | None) -> None:
+        """SIGHUP: new connections get *ssl_context* and check *passwords*; sessions
+        already established keep what they started with."""
+        self._settings.ssl_context = ssl_context
+        self._settings.passwords = passwords
+
     @property
     def sessions(self) -> set[RelaySMTP]:
         return self._settings.sessions

@@ -10,7 +10,6 @@ tests, then on the standard loop only, could not see.  Only 127.0.0.1 is contact
 from __future__ import annotations
 
 import datetime as dt
-import signal
 import socket
 import ssl
 import subprocess
@@ -94,20 +93,6 @@ def test_serve_says_when_dane_stays_off(relay: RelayFactory) -> None:
     quiet.wait_log("relay_started")
     time.sleep(0.5)
     assert " dane_disabled " not in quiet.log_text() and " dane_enabled " not in quiet.log_text()
-
-
-def test_sighup_is_logged_and_ignored(relay: RelayFactory) -> None:
-    """SIGHUP's default action used to kill serve (exit 129)."""
-    proc = relay()
-    proc.wait_log("relay_started")
-    assert proc.proc is not None
-    proc.proc.send_signal(signal.SIGHUP)
-    proc.wait_log("sighup_ignored")
-    time.sleep(0.3)
-    assert proc.running
-    with RawSMTP(HOST, proc.starttls_port) as raw:
-        assert raw.greet()[0] == 220
-    assert proc.stop() == 0
 
 
 def test_a_second_serve_on_the_same_spool_stops_before_touching_it(

@@ -1,0 +1,87 @@
+"""SIGHUP: reload relay.yaml, the TLS policy, the users file and the certificates.
+
+Role: :func:`reload` reads the config again (the file ``serve`` started with) and, if
+it is valid, puts the new listener certificate(s), users and outbound TLS policy into
+the running relay: established sessions go on as they are, new connections get the new
+certificate, the next delivery the new policy.  A config with any error changes
+nothing and every error is logged (the lines of ``check-config``).  Changes that need
+a restart - listeners, spool, workers, metrics, limits, queue, delivery, evidence
+settings, the MTA-STS/DANE switches - are logged and left until then.
+Not: the signal plumbing (relay.app.run, relay.workers forwards SIGHUP to workers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from relay import certs, config
+from relay.errors import ConfigError, RelayError
+from relay.intake import tlscontext
+from relay.intake.auth import PasswordChecker
+from relay.intake.users import UserDb
+from relay.log import event
+
+if TYPE_CHECKING:
+    from relay.app import App
+
+log = logging.getLogger("relay.reload")
+
+# Top-level keys a reload applies; everything else waits for a restart.
+APPLIED = ("tls", "policy", "clients")
+
+
+def needs_restart(old: config.Config, new: config.Config) -> list[str]:
+    """The settings that changed but only take effect after a restart."""
+    keys = [f.name for f in dataclasses.fields(config.Config) if f.name not in ("source", *APPLIED)]
+    changed = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    if old.clients.networks != new.clients.networks:
+        changed.append("clients.networks")
+    for flag in ("mta_sts", "dane"):
+        if getattr(old.policy, flag) != getattr(new.policy, flag):
+            changed.append(f"policy.{flag}")
+    if old.tls.min_version != new.tls.min_version:
+        pass  # applied: part of the new server context
+    return changed
+
+
+def reload(app: App) -> bool:
+    """Apply the config file again; True when it was applied."""
+    path = app.cfg.source
+    try:
+        new = config.load(path)
+        context = tlscontext.server_context(new.tls)
+        users = UserDb.load(new.clients.users_file) if new.clients.users_file else None
+    except ConfigError as exc:
+        for problem in exc.problems:
+            event(log, "reload_failed", logging.ERROR, problem=problem)
+        event(log, "reload_kept", logging.ERROR, reason="the running config stays")
+        return False
+    except RelayError as exc:
+        event(log, "reload_failed", logging.ERROR, problem=str(exc))
+        event(log, "reload_kept", logging.ERROR, reason="the running config stays")
+        return False
+    restart = needs_restart(app.cfg, new)
+    policy = dataclasses.replace(
+        new.policy, mta_sts=app.cfg.policy.mta_sts, dane=app.cfg.policy.dane
+    )
+    passwords = PasswordChecker(users, app.passwords_executor()) if users is not None else None
+    for listener in app.listeners:
+        listener.reload(context, passwords)
+    app.scheduler.deliverer.policy = policy  # type: ignore[attr-defined]
+    app.ssl_context, app.users = context, users
+    app.cfg = dataclasses.replace(
+        app.cfg,
+        tls=new.tls,
+        policy=policy,
+        clients=dataclasses.replace(app.cfg.clients, users_file=new.clients.users_file),
+    )
+    event(log, "reload_done", users=len(users) if users is not None else None)
+    if restart:
+        event(log, "reload_needs_restart", logging.WARNING, changed=",".join(restart))
+    for cert in (new.tls.cert, new.tls.rsa_cert):
+        warning = certs.expiry_warning(cert) if cert is not None else None
+        if warning is not None:
+            event(log, "certificate_expiring", logging.WARNING, warning=warning)
+    return True
