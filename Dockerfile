@@ -19,5 +19,9 @@ RUN pip install --no-cache-dir . \
 VOLUME ["/var/spool/tls-relay"]
 USER 10025:10025
 EXPOSE 587 465
+# Ready = listeners bound, spool writable, disk space left (GET /readyz).  Needs
+# `metrics: {address: "127.0.0.1:9465"}` in relay.yaml (see README, "Deploying").
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9465/readyz', timeout=4).status != 200)"]
 ENTRYPOINT ["tls-relay"]
 CMD ["serve"]
