@@ -56,6 +56,7 @@ class Outcome:
     reply: str | None = None  # the MX's own reply ("550 5.1.1 text"), when there was one
     evidence: Evidence | None = None  # set when an MX session carried the attempt
     status_code: str | None = None  # RFC 3463 code decided here (no MX reply), e.g. 5.7.30
+    next_hop_dsn: bool = False  # the MX offered DSN: NOTIFY went on with the recipient
 
 
 def reply_text(code: int, message: str, target: Target) -> str:

@@ -86,6 +86,7 @@ class Progress:
                 session.tls,
                 decision.reply,
                 evidence,
+                next_hop_dsn=result.dsn,
             )
             groups.setdefault((decision.status, decision.reason), []).append(i)
         if result.session_error is not None:

@@ -50,6 +50,7 @@ class TxResult:
     # nothing was decided, and the same recipients may go over a fresh session.
     stale: bool = False
     converted: bool = False  # the data went as 7 bit (RFC 6152 §3): said in the log line
+    dsn: bool = False  # the server offered DSN: NOTIFY/ORCPT went with the recipients
 
 
 def _keyword(option: str) -> tuple[str, str]:
@@ -154,6 +155,7 @@ async def transact(
         options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
         tx = dataclasses.replace(tx, mail_options=options, data=converted)
         result.converted = True
+    result.dsn = smtp.supports_extension("dsn")
     opts = _mail_options(tx, smtp, target)
     problem = opts if isinstance(opts, str) else _size_problem(tx, smtp, target)
     if problem is not None or isinstance(opts, str):

@@ -281,7 +281,9 @@ def _address_literal(domain: str, sender: bool) -> str | Reply:
 
 
 # -- whole commands -------------------------------------------------------------------
-MAIL_PARAMETERS = ("BODY", "SIZE", "SMTPUTF8", "REQUIRETLS")  # RFC 6152, 1870, 6531, 8689
+MAIL_PARAMETERS = ("BODY", "SIZE", "SMTPUTF8", "REQUIRETLS", "RET", "ENVID")  # + RFC 3461
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")  # RFC 3461 4: xtext
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,10 @@ def _mail_params_refusal(params: dict[str, str | None], max_size: int) -> Reply 
             return replies.PARAM_SYNTAX.with_text("BODY must be 7BIT or 8BITMIME")
         if key in ("SMTPUTF8", "REQUIRETLS") and value is not None:
             return replies.PARAM_SYNTAX.with_text(f"{key} takes no value")
+        if key == "RET" and (value or "").upper() not in ("FULL", "HDRS"):
+            return replies.PARAM_SYNTAX.with_text("RET must be FULL or HDRS")  # RFC 3461 4.3
+        if key == "ENVID" and (not value or len(value) > 100 or not _XTEXT.fullmatch(value)):
+            return replies.PARAM_SYNTAX.with_text("ENVID must be xtext, at most 100 chars")
         if key == "SIZE" and (value is None or not value.isdigit() or len(value) > 20):
             return replies.PARAM_SYNTAX.with_text("SIZE needs a number")
         if key == "SIZE" and int(value or 0) > max_size:
@@ -337,12 +343,34 @@ def parse_mail(arg: str | None, *, extended: bool, max_size: int) -> MailCommand
     return MailCommand(sender, options, smtputf8)
 
 
-def parse_rcpt(arg: str | None, *, extended: bool, smtputf8: bool) -> str | Reply:
-    """The argument of RCPT (``TO:<path>``) -> the recipient, or the refusal."""
+def parse_rcpt(arg: str | None, *, extended: bool, smtputf8: bool) -> tuple[str, list[str]] | Reply:
+    """The argument of RCPT (``TO:<path> [NOTIFY=...] [ORCPT=...]``) -> the recipient and
+    its DSN parameters (RFC 3461 4.1, 4.2), or the refusal."""
     command = _command(arg, "TO:", extended)
     if isinstance(command, Reply):
         return command
     path, params = command
-    if params:  # no RCPT parameters are advertised (no DSN, RFC 3461)
-        return replies.PARAM_UNKNOWN.with_text("RCPT parameters not supported")
-    return parse_forward_path(path, smtputf8=smtputf8)
+    options: list[str] = []
+    for key, value in params.items():
+        if key == "NOTIFY":
+            words = {w.strip().upper() for w in (value or "").split(",")}
+            if words != {"NEVER"} and not (words and words <= _NOTIFY):
+                return replies.PARAM_SYNTAX.with_text(
+                    "NOTIFY must be NEVER, or SUCCESS, FAILURE and DELAY"
+                )
+            options.append(f"NOTIFY={','.join(sorted(words))}")
+        elif key == "ORCPT":
+            kind, semi, addr = (value or "").partition(";")
+            if (
+                not semi
+                or not kind
+                or not addr
+                or len(value or "") > 500
+                or not _XTEXT.fullmatch(addr)
+            ):
+                return replies.PARAM_SYNTAX.with_text("ORCPT must be addr-type;xtext")
+            options.append(f"ORCPT={kind};{addr}")
+        else:
+            return replies.PARAM_UNKNOWN.with_text(f"RCPT parameter {key} not supported")
+    address = parse_forward_path(path, smtputf8=smtputf8)
+    return address if isinstance(address, Reply) else (address, options)

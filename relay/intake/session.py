@@ -250,6 +250,7 @@ class RelaySMTP(CommandLoop):
         self.session.host_name = hostname
         lines = [self.hostname, f"SIZE {self.settings.limits.max_message_size}"]
         lines += ["8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"]  # RFC 2034
+        lines.append("DSN")  # RFC 3461
         if not self.tls_active():
             lines.append("STARTTLS")
         else:
@@ -349,13 +350,15 @@ class RelaySMTP(CommandLoop):
             refusal = replies.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10: 452 for the extras
         if refusal is not None:
             if refusal in (replies.AUTH_REQUIRED, replies.RELAY_DENIED):
-                event(log, "relay_denied", client=self.peer[0], rcpt=rcpt)
+                address = rcpt[0] if isinstance(rcpt, tuple) else rcpt
+                event(log, "relay_denied", client=self.peer[0], rcpt=address)
             await self.reply(refusal)
             return
-        assert isinstance(rcpt, str)
-        if rcpt not in self.envelope.rcpt_tos:  # a duplicate is accepted, delivered once
-            self.envelope.rcpt_tos.append(rcpt)
-            self.envelope.rcpt_params.append([])
+        assert not isinstance(rcpt, Reply)
+        address, options = rcpt
+        if address not in self.envelope.rcpt_tos:  # a duplicate is accepted, delivered once
+            self.envelope.rcpt_tos.append(address)
+            self.envelope.rcpt_params.append(options)
         await self.reply(replies.RCPT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:

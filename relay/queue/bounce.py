@@ -25,14 +25,17 @@ class DsnKind(enum.StrEnum):
 
     FAILED = "failed"  # given up: permanent failure or out of lifetime
     DELAYED = "delayed"  # still being retried (the optional delay warning)
+    RELAYED = "relayed"  # NOTIFY=SUCCESS, handed to a next hop without DSN (RFC 3461 6.2.3)
 
 
 CRLF = b"\r\n"
 MAX_TEXT = 900  # RFC 5322 2.1.1: keep every line well under 998 characters
 MAX_HEADERS = 256 * 1024  # a "header section" with no end is cut here
+MAX_RETURN = 2 * 1024 * 1024  # RET=FULL returns a message up to this size, else its headers
 SUBJECTS = {
     DsnKind.FAILED: "Undelivered Mail Returned to Sender",
     DsnKind.DELAYED: "Delayed Mail (still being retried)",
+    DsnKind.RELAYED: "Successful Mail Relay",
 }
 
 # relay.delivery records a reply as `"550 5.1.1 text" from host[ip]:port`; a bare reply
@@ -41,13 +44,15 @@ _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")  # RFC
 
 
 def wants_notice(recipient: Recipient, kind: DsnKind) -> bool:
-    """RFC 3461 4.1 NOTIFY: NEVER, or a list of SUCCESS/FAILURE/DELAY; absent = both."""
+    """RFC 3461 4.1 NOTIFY: NEVER, or a list of SUCCESS/FAILURE/DELAY; absent = failure
+    and delay notices, no success notice."""
+    wanted = {DsnKind.FAILED: "FAILURE", DsnKind.DELAYED: "DELAY", DsnKind.RELAYED: "SUCCESS"}
     for option in recipient.options:
         key, _, value = option.partition("=")
         if key.upper() == "NOTIFY":
             words = {w.strip().upper() for w in value.split(",")}
-            return ("FAILURE" if kind is DsnKind.FAILED else "DELAY") in words
-    return True
+            return wanted[kind] in words
+    return kind is not DsnKind.RELAYED
 
 
 def dsn_message(
@@ -93,11 +98,10 @@ def build_dsn(
     """RFC 3464 multipart/report; report-type=delivery-status, CRLF line endings."""
     human = _human_text(envelope, failed, hostname, kind, retry_until).encode()
     status = _status_fields(envelope, failed, hostname, now, kind, retry_until).encode()
-    headers = original_headers(original)
     parts = [
         (b"text/plain; charset=utf-8", b"Notification", human),
         (b"message/delivery-status", b"Delivery report", status),
-        (b"text/rfc822-headers", b"Undelivered Message Headers", headers),
+        _returned(envelope, original, kind),
     ]
     boundary = _boundary(new_id, hostname, [p[2] for p in parts])
     cte = b"7bit" if all(p[2].isascii() for p in parts) else b"8bit"
@@ -116,6 +120,18 @@ def build_dsn(
         out += [CRLF, body]
     out += [CRLF, b"--" + boundary + b"--" + CRLF]
     return b"".join(out)
+
+
+def _returned(
+    envelope: QueueEnvelope, original: bytes, kind: DsnKind
+) -> tuple[bytes, bytes, bytes]:
+    """RFC 3461 4.3 RET: the whole message when the sender asked for it (RET=FULL) and it
+    is not too big, else its headers (also the default, and always for REQUIRETLS)."""
+    ret = (_option(envelope.mail_options, "RET") or "").upper()
+    requiretls = any(o.upper() == "REQUIRETLS" for o in envelope.mail_options)
+    if ret == "FULL" and kind is DsnKind.FAILED and not requiretls and len(original) <= MAX_RETURN:
+        return (b"message/rfc822", b"Undelivered Message", original)
+    return (b"text/rfc822-headers", b"Undelivered Message Headers", original_headers(original))
 
 
 def original_headers(data: bytes) -> bytes:
@@ -143,6 +159,8 @@ def status_code(recipient: Recipient, kind: DsnKind) -> str:
     contact = _last_contact(recipient)
     if kind is DsnKind.DELAYED:
         return _enhanced(contact, "4") or "4.0.0"
+    if kind is DsnKind.RELAYED:
+        return "2.0.0"
     if decision is not None and decision.outcome is AttemptOutcome.EXPIRED:
         return "4.4.7"  # RFC 3463 4.4.7: delivery time expired
     if decision is not None and decision.outcome is AttemptOutcome.PERMANENT:
@@ -192,6 +210,12 @@ def _human_text(
             "be delivered to one or more recipients. It is attached below.",
             "",
         ]
+    elif kind is DsnKind.RELAYED:
+        lines += [
+            "Your message was delivered to the next mail server on its way, which",
+            "does not send delivery notifications itself: this is the last one.",
+            "",
+        ]
     else:
         lines += [
             "This is a warning only; you do not need to resend your message.",
@@ -225,7 +249,7 @@ def _message_fields(envelope: QueueEnvelope, hostname: str) -> list[str]:
     lines = [f"Reporting-MTA: dns; {hostname}"]
     envid = _option(envelope.mail_options, "ENVID")
     if envid is not None:
-        lines.append(f"Original-QueueEnvelope-Id: {_clean(_xtext(envid))}")
+        lines.append(f"Original-Envelope-Id: {_clean(_xtext(envid))}")  # RFC 3464 2.2.1
     lines.append(f"Arrival-Date: {format_date(envelope.created)}")
     return lines
 

@@ -82,6 +82,7 @@ class DeliveryPass:
     data: bytes
     guard: asyncio.Lock = field(default_factory=asyncio.Lock)  # apply + write, per domain
     to_bounce: list[Recipient] = field(default_factory=list)
+    to_relay: list[Recipient] = field(default_factory=list)  # NOTIFY=SUCCESS, no DSN next
     write_failed: bool = False
     notices_failed: bool = False  # a DSN could not be stored: its recipients stay pending
     message_id: str | None = None  # read from the data when the first audit record is made
@@ -196,6 +197,8 @@ class DeliveryPass:
         )
         if o.status is Status.DELIVERED:
             rcpt.state = RcptState.DELIVERED
+            if not o.next_hop_dsn and bounce.wants_notice(rcpt, bounce.DsnKind.RELAYED):
+                self.to_relay.append(rcpt)  # RFC 3461 6.2.3: nobody further will tell
         elif o.status is Status.PERMANENT:
             self.to_bounce.append(rcpt)  # marked bounced in _finish, after its DSN is stored
             return
@@ -238,6 +241,9 @@ class DeliveryPass:
                 rcpt.state = RcptState.BOUNCED
                 self._log_state(env, rcpt, None)
             await off_loop(self.ctx.spool.update, env)
+        if self.to_relay:
+            await self._notify(self.to_relay, bounce.DsnKind.RELAYED, now)
+            self.to_relay = []
         if retry.warning_due(env.created, now, self.ctx.cfg, env.warned):
             late = [r for r in env.recipients if r.state is RcptState.DEFERRED]
             await self._notify(late, bounce.DsnKind.DELAYED, now)

@@ -171,7 +171,9 @@ def test_parse_mail(arg: str, expected: MailCommand) -> None:
         ("FROM:<a@b.example> SIZE=big", 501, "5.5.4"),
         ("FROM:<a@b.example> BODY=BINARYMIME", 501, "5.5.4"),
         ("FROM:<a@b.example> SMTPUTF8=yes", 501, "5.5.4"),
-        ("FROM:<a@b.example> RET=HDRS", 555, "5.5.4"),
+        ("FROM:<a@b.example> RET=SOME", 501, "5.5.4"),
+        ("FROM:<a@b.example> ENVID=a=b", 501, "5.5.4"),
+        ("FROM:<a@b.example> XFOO=1", 555, "5.5.4"),
         ("FROM:<jörg@b.example>", 553, "5.6.7"),
         ("FROM:<@x.example:a@b.example>", 553, "5.1.7"),
     ],
@@ -190,11 +192,26 @@ def test_parameters_need_ehlo() -> None:
 
 
 def test_parse_rcpt() -> None:
-    assert parse_rcpt("TO:<A@B.example>", extended=True, smtputf8=False) == "A@b.example"
-    assert parse_rcpt("TO:<ä@b.example>", extended=True, smtputf8=True) == "ä@b.example"
-    for arg, code in (("TO:<a@b.example> NOTIFY=NEVER", 555), ("TO:<>", 501), ("FROM:<a@b>", 501)):
+    assert parse_rcpt("TO:<A@B.example>", extended=True, smtputf8=False) == ("A@b.example", [])
+    assert parse_rcpt("TO:<ä@b.example>", extended=True, smtputf8=True) == ("ä@b.example", [])
+    for arg, code in (("TO:<a@b.example> XFOO=1", 555), ("TO:<>", 501), ("FROM:<a@b>", 501)):
         reply = parse_rcpt(arg, extended=True, smtputf8=False)
         assert isinstance(reply, Reply) and reply.code == code, arg
+
+
+def test_dsn_parameters_rfc_3461() -> None:
+    """DSN is offered: RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT, checked and kept."""
+    got = parse_rcpt(
+        "TO:<a@b.example> NOTIFY=failure,Success ORCPT=rfc822;a+40b.example",
+        extended=True,
+        smtputf8=False,
+    )
+    assert got == ("a@b.example", ["NOTIFY=FAILURE,SUCCESS", "ORCPT=rfc822;a+40b.example"])
+    for bad in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=a@b", "ORCPT=rfc822;a=b"):
+        reply = parse_rcpt(f"TO:<a@b.example> {bad}", extended=True, smtputf8=False)
+        assert isinstance(reply, Reply) and reply.code == 501, bad
+    mail = parse_mail("FROM:<a@b.example> RET=HDRS ENVID=QQ+2B1", extended=True, max_size=9)
+    assert isinstance(mail, MailCommand) and mail.options == ("RET=HDRS", "ENVID=QQ+2B1")
 
 
 # -- properties -------------------------------------------------------------------

@@ -254,7 +254,7 @@ async def test_bad_senders(intake: IntakeFactory, command: str, code: int) -> No
         ("<u@[127.0.0.1]>", 553),
         ("<@x.test:u@y.test>", 553),
         ("<postmaster>", 553),
-        ("<a@b.test> NOTIFY=NEVER", 555),
+        ("<a@b.test> XFOO=1", 555),
         ("<a%b@c.test>", 553),
     ],
 )

@@ -74,3 +74,23 @@ async def test_a_trail_that_cannot_be_written_keeps_the_delivery_and_logs_the_re
     assert "a@x.test" in line and "cannot write the audit trail" in line
     assert "\n" not in line  # one log line per record
     trail.close()
+
+
+async def test_notify_success_to_a_next_hop_without_dsn_sends_a_relayed_notice(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    spool = Spool(tmp_path / "sp", clock=clock)
+    spool.setup()
+    e = make_env(spool, "a@x.test", "b@x.test")
+    e.recipients[0].options = ["NOTIFY=SUCCESS"]
+    spool.store(e, DATA)
+    fake = FakeDeliverer()
+    sched = Scheduler(spool, fake, CFG, "relay.test", clock=clock, rand=NoJitter())
+    await sched.start()
+    await settle(sched)
+    await sched.stop(0)
+    (notice,) = [c for c in fake.calls if c.sender == ""]  # the DSN, delivered in turn
+    assert notice.rcpts == ["app@corp.test"]
+    report = notice.data.split(b"message/delivery-status")[1]
+    assert b"Action: relayed" in report and b"a@x.test" in report and b"b@x.test" not in report

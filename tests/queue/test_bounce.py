@@ -207,7 +207,7 @@ def test_orcpt_and_envid_are_reported() -> None:
         env(*failed, options=["ENVID=QQ+3D1"]), failed, "h.test", T0, ORIGINAL, DsnKind.FAILED, "N4"
     )
     per_msg, block = status_blocks(parse(blob))
-    assert per_msg["Original-QueueEnvelope-Id"] == "QQ=1"
+    assert per_msg["Original-Envelope-Id"] == "QQ=1"  # RFC 3464 2.2.1 (was misnamed)
     assert block["Original-Recipient"] == "rfc822; A+B@x.test"
 
 
@@ -292,3 +292,32 @@ def test_requiretls_refusal_is_5_7_30_and_its_dsn_is_requiretls_too() -> None:
     (block,) = [b for b in status_blocks(parse(data)) if b.get("Final-Recipient")]
     assert block["Status"] == "5.7.30"
     assert b"Body line" not in data  # headers only
+
+
+def test_ret_full_returns_the_whole_message_and_hdrs_only_headers() -> None:
+    """RFC 3461 4.3: RET=FULL asks for the message back (when not too big)."""
+    perm = rcpt("a@x.test", PERM)
+    for ret, ctype, body_in in (
+        ("FULL", "message/rfc822", True),
+        ("HDRS", "text/rfc822-headers", False),
+    ):
+        e = env(perm, options=[f"RET={ret}"])
+        _, data = bounce.dsn_message(
+            e, [perm], "relay.test", T0 + 20, ORIGINAL, DsnKind.FAILED, "B1"
+        )
+        parts = parse(data).get_payload()
+        assert parts[2].get_content_type() == ctype
+        assert (b"Body line" in data) is body_in
+
+
+def test_relayed_notice_for_notify_success() -> None:
+    """RFC 3461 6.2.3: NOTIFY=SUCCESS to a next hop without DSN: a "relayed" DSN."""
+    done = rcpt("a@x.test", options=["NOTIFY=SUCCESS"])
+    assert bounce.wants_notice(done, DsnKind.RELAYED)
+    assert not bounce.wants_notice(rcpt("b@x.test"), DsnKind.RELAYED)  # not asked
+    e = env(done)
+    _, data = bounce.dsn_message(e, [done], "relay.test", T0 + 20, ORIGINAL, DsnKind.RELAYED, "B2")
+    msg = parse(data)
+    assert msg["Subject"] == "Successful Mail Relay"
+    (block,) = [b for b in status_blocks(msg) if b.get("Final-Recipient")]
+    assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
