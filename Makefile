@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= config/relay.yaml
-DEBS    := postfix swaks unbound nsd ldnsutils systemd
+DEBS    := postfix swaks msmtp curl unbound nsd ldnsutils systemd
 
 .PHONY: run test check lint bench deps venv clean
 
@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages for the real-peer tests: Postfix as the receiving MX, swaks as client,
+# Debian packages for the real-peer tests: Postfix as the receiving MX; swaks, msmtp and
+# curl as clients;
 # the DNSSEC lab for DANE tests (nsd + validating unbound over zones signed with ldnsutils),
 # and systemd-analyze to check the unit under deploy/systemd.
 deps:
