@@ -94,3 +94,10 @@ def test_every_client_on_every_listener(relay: RelayFactory, tmp_path: Path) -> 
     spool = proc.spool()
     got = sorted(r.address for q in spool.ids() for r in spool.load(q).recipients)
     assert got == sorted(sent)
+
+
+def test_the_readme_lists_these_clients() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "submitting clients" in line)
+    assert all(name in row for name in ("swaks", "smtplib", "curl", "msmtp"))
+    assert set(CLIENTS) == {"swaks", "smtplib", "curl", "msmtp"}
