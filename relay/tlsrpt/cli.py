@@ -49,23 +49,7 @@ def _pending(root: Any) -> list[dict[str, Any]]:
                 {
                     "day": day,
                     "domain": domain,
-                    "policies": [
-                        {
-                            "policy": p.policy,
-                            "success": p.success,
-                            "failures": [
-                                {
-                                    "result-type": k[0],
-                                    "sending-mta-ip": k[1],
-                                    "receiving-mx-hostname": k[2],
-                                    "receiving-ip": k[3],
-                                    "count": n,
-                                }
-                                for k, n in p.failures.items()
-                            ],
-                        }
-                        for p in policies
-                    ],
+                    "policies": [p.to_json() for p in policies],
                 }
             )
     return out

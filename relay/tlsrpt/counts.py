@@ -33,6 +33,23 @@ class PolicyCounts:
     success: int = 0
     failures: dict[FailureKey, int] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """The form kept on disk and shown by ``tls-reports list --json``."""
+        return {
+            "policy": self.policy,
+            "success": self.success,
+            "failures": [
+                {
+                    "result-type": k[0],
+                    "sending-mta-ip": k[1],
+                    "receiving-mx-hostname": k[2],
+                    "receiving-ip": k[3],
+                    "count": n,
+                }
+                for k, n in self.failures.items()
+            ],
+        }
+
     def add(self, other: PolicyCounts) -> None:
         self.success += other.success
         for key, n in other.failures.items():
@@ -122,23 +139,7 @@ def _write(path: Path, day: str, entries: Mapping[str, PolicyCounts]) -> None:
     doc = {
         "version": VERSION,
         "day": day,
-        "policies": [
-            {
-                "policy": e.policy,
-                "success": e.success,
-                "failures": [
-                    {
-                        "result-type": k[0],
-                        "sending-mta-ip": k[1],
-                        "receiving-mx-hostname": k[2],
-                        "receiving-ip": k[3],
-                        "count": n,
-                    }
-                    for k, n in e.failures.items()
-                ],
-            }
-            for e in entries.values()
-        ],
+        "policies": [e.to_json() for e in entries.values()],
     }
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, separators=(",", ":")))
