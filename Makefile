@@ -35,7 +35,7 @@ run: $(STAMP) var/certs/cert.pem
 	$(BIN)/tls-relay serve -c $(CONFIG)
 
 test: $(STAMP) deps
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # `make check` is what CI runs (.ci/run): lint and types, then the tests.
 check: lint test
