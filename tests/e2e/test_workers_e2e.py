@@ -106,18 +106,23 @@ def test_a_dead_worker_is_replaced(relay: RelayFactory, postfix_mx: PostfixMx) -
     assert proc.stop() == 0
 
 
-def test_sighup_is_ignored_and_workers_die_with_their_supervisor(
+def test_sighup_reloads_and_workers_die_with_their_supervisor(
     relay: RelayFactory,
     postfix_mx: PostfixMx,
 ) -> None:
     """SIGHUP used to kill the supervisor (129) and leave the workers holding the ports;
-    a supervisor killed outright must not leave workers serving alone either."""
+    now it is forwarded and every worker reloads, nobody exits.  A supervisor killed
+    outright must not leave workers serving alone either."""
     proc = start_two(relay, postfix_mx)
     assert proc.proc is not None
     children = workers_of(proc)
     try:
         proc.proc.send_signal(signal.SIGHUP)
-        proc.wait_log("sighup_ignored")
+        wait_for(
+            lambda: proc.log_text().count(" reload_done ") == 2 or None,
+            "both workers to reload",
+            timeout=10,
+        )
         time.sleep(0.5)
         assert proc.running and workers_of(proc) == children
         proc.proc.kill()  # SIGKILL: no chance to forward anything
