@@ -18,19 +18,13 @@ from tests.e2e.test_delivery_e2e import add_postfix_mx, delivery_config, submit_
 from tests.e2e.test_queue_e2e import queue_json, wait_for
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.postfix import PostfixMx
-from tests.fixtures.relay_proc import BIN, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postfix]
 
 
 def audit(proc: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BIN, "audit", *args, "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return proc.command("audit", *args)
 
 
 def postfix_cert_sha256(mx: PostfixMx) -> str:

@@ -23,7 +23,7 @@ from tests.e2e.test_delivery_e2e import SETTLE, deferred, delivery_lines, submit
 from tests.e2e.test_queue_e2e import wait_for
 from tests.fixtures.dnssec import DnssecLab, DnssecLabFactory
 from tests.fixtures.postfix import PostfixMx, available, postfix_instance
-from tests.fixtures.relay_proc import BIN, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postfix]
 
@@ -102,13 +102,7 @@ def start_relay(relay: RelayFactory, lab: DnssecLab, mx: PostfixMx, **kw: Any) -
 
 
 def check_config(proc: RelayProcess) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BIN, "check-config", "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return proc.command("check-config")
 
 
 def send(proc: RelayProcess, rcpt: str) -> None:

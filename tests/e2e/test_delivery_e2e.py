@@ -29,7 +29,7 @@ from tests.e2e.test_queue_e2e import queue_json, wait_for
 from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, _Server
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.postfix import MX_NAME, PostfixMx
-from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import HOST, RelayFactory, RelayProcess
 
 pytestmark = [
     pytest.mark.e2e,
@@ -326,13 +326,7 @@ def test_null_mx_and_nxdomain_bounce_at_once(
 
 
 def policy_cli(proc: RelayProcess, domain: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN), "policy", domain, "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return proc.command("policy", domain)
 
 
 def test_policy_command_shows_mx_and_level(

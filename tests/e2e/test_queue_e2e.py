@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fixtures.postfix import PostfixMx
-from tests.fixtures.relay_proc import BIN, HOST, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import HOST, RelayFactory, RelayProcess
 
 T = TypeVar("T")
 DOMAIN = "postfix.test"
@@ -47,13 +47,7 @@ def send(proc: RelayProcess, sender: str, rcpts: list[str], data: bytes) -> None
 
 
 def queue(proc: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN), "queue", *args, "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return proc.command("queue", *args)
 
 
 def queue_json(proc: RelayProcess) -> list[dict[str, Any]]:

@@ -165,11 +165,5 @@ def test_a_certificate_expiring_soon_is_warned_about(
     log = proc.wait_log(" certificate_expiring ")
     line = next(x for x in log.splitlines() if " certificate_expiring " in x)
     assert "WARNING" in line and "certificate expires in 9 days" in line
-    out = subprocess.run(
-        [BIN, "check-config", "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = proc.command("check-config")
     assert out.returncode == 0 and "warning: " in out.stdout and "expires in 9 days" in out.stdout

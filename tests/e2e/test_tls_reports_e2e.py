@@ -25,7 +25,7 @@ from tests.e2e.test_delivery_e2e import add_postfix_mx, delivery_config, submit_
 from tests.e2e.test_queue_e2e import queue_json, wait_for
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.postfix import PostfixMx
-from tests.fixtures.relay_proc import BIN, RelayFactory, RelayProcess
+from tests.fixtures.relay_proc import RelayFactory, RelayProcess
 from tests.tlsrpt.test_counts_and_report import check_schema
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postfix]
@@ -76,13 +76,7 @@ def endpoint(ca: trustme.CA) -> Iterator[ReportEndpoint]:
 
 
 def cli(proc: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BIN, "tls-reports", *args, "-c", str(proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return proc.command("tls-reports", *args)
 
 
 def pending(proc: RelayProcess) -> dict[str, Any]:
