@@ -207,6 +207,11 @@ def expiry_warning(cert: Path, now: dt.datetime | None = None) -> str | None:
     return None
 
 
+def expiry_warnings(*certs: Path | None) -> list[str]:
+    """expiry_warning for each certificate given (tls.cert, tls.rsa_cert; None skipped)."""
+    return [w for w in (expiry_warning(c) for c in certs if c is not None) if w is not None]
+
+
 def key_kind(cert: Path) -> str:
     """ "RSA", "ECDSA", "Ed25519", ... for the (first) certificate in *cert*."""
     try:

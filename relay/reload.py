@@ -16,12 +16,13 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from relay import certs, config
+from relay import config
 from relay.errors import ConfigError, RelayError
 from relay.intake import tlscontext
 from relay.intake.auth import PasswordChecker
 from relay.intake.users import UserDb
 from relay.log import event
+from relay.watch import warn_expiring
 
 if TYPE_CHECKING:
     from relay.app import App
@@ -41,9 +42,7 @@ def needs_restart(old: config.Config, new: config.Config) -> list[str]:
     for flag in ("mta_sts", "dane"):
         if getattr(old.policy, flag) != getattr(new.policy, flag):
             changed.append(f"policy.{flag}")
-    if old.tls.min_version != new.tls.min_version:
-        pass  # applied: part of the new server context
-    return changed
+    return changed  # tls (min_version included) is applied: part of the new server context
 
 
 def reload(app: App) -> bool:
@@ -80,8 +79,5 @@ def reload(app: App) -> bool:
     event(log, "reload_done", users=len(users) if users is not None else None)
     if restart:
         event(log, "reload_needs_restart", logging.WARNING, changed=",".join(restart))
-    for cert in (new.tls.cert, new.tls.rsa_cert):
-        warning = certs.expiry_warning(cert) if cert is not None else None
-        if warning is not None:
-            event(log, "certificate_expiring", logging.WARNING, warning=warning)
+    warn_expiring(new.tls)
     return True

@@ -67,13 +67,15 @@ async def watch_dnssec(resolver: MxResolver, dane_only: Sequence[str]) -> None:
             log.exception("dnssec_probe_error")
 
 
+def warn_expiring(tls: ServerTls) -> None:
+    """Log each listener certificate that expires within 30 days (start, daily, reload)."""
+    for warning in certs.expiry_warnings(tls.cert, tls.rsa_cert):
+        event(log, "certificate_expiring", logging.WARNING, warning=warning)
+
+
 async def watch_certificates(tls: Callable[[], ServerTls]) -> None:
     """A warning at start and once a day while a listener certificate (as configured
     now: *tls* follows reloads) expires within 30 days."""
     while True:
-        current = tls()
-        for cert in (current.cert, current.rsa_cert):
-            warning = certs.expiry_warning(cert) if cert is not None else None
-            if warning is not None:
-                event(log, "certificate_expiring", logging.WARNING, warning=warning)
+        warn_expiring(tls())
         await asyncio.sleep(CERT_CHECK_EVERY)

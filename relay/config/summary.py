@@ -41,10 +41,7 @@ def summary(cfg: Config, dane: str | None = None) -> str:
             else "off"
         )
     )
-    for cert in (cfg.tls.cert, cfg.tls.rsa_cert):
-        warning = certs.expiry_warning(cert) if cert is not None else None
-        if warning is not None:
-            lines.append(f"warning: {warning}")
+    lines += [f"warning: {w}" for w in certs.expiry_warnings(cfg.tls.cert, cfg.tls.rsa_cert)]
     if cfg.audit is not None:
         where = cfg.audit.path if cfg.audit.enabled else "off"
         lines.append(f"audit trail: {where}")

@@ -19,7 +19,7 @@ import logging
 
 from relay.config import DeliveryConfig, Route
 from relay.delivery.mx import MxHost, MxResolver, MxStatus
-from relay.delivery.outcome import Outcome, Status
+from relay.delivery.outcome import Status
 from relay.delivery.progress import Progress, log_attempt
 from relay.delivery.session import Target
 from relay.domains import Domain
@@ -61,9 +61,7 @@ async def targets(
     result = await resolver.resolve(domain)
     if result.status is not MxStatus.OK:
         status = Status.PERMANENT if result.status is MxStatus.PERMANENT else Status.TRANSIENT
-        for i in progress.pending():
-            progress.outcomes[i] = Outcome(progress.recipients[i][0], status, result.reason)
-        log_attempt(progress, list(range(len(progress.recipients))), status, result.reason)
+        progress.settle(status, result.reason)  # before any host: every recipient
         return []
     hosts = list(result.hosts[: cfg.max_mx_hosts])
     if progress.requiretls:
@@ -158,10 +156,7 @@ def sts_hosts(progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[M
             f"the MTA-STS policy of {domain} (enforce, id {state.id}) allows none of "
             f"its MX hosts ({', '.join(refused)}; patterns {', '.join(policy.mx)})"
         )
-        pending = progress.pending()
-        for i in pending:
-            progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
-        log_attempt(progress, pending, Status.TRANSIENT, reason)
+        progress.settle(Status.TRANSIENT, reason)
     return allowed
 
 
@@ -178,10 +173,7 @@ def requiretls_hosts(
     if policy is None and state is not None and state.failure is not None:
         # Whether the domain has a policy is unknown for now: ask again later.
         reason = f"REQUIRETLS: the MTA-STS policy of {domain} is unknown: {state.failure}"
-        pending = progress.pending()
-        for i in pending:
-            progress.outcomes[i] = Outcome(progress.recipients[i][0], Status.TRANSIENT, reason)
-        log_attempt(progress, pending, Status.TRANSIENT, reason)
+        progress.settle(Status.TRANSIENT, reason)
         return []
     allowed = [] if policy is None or policy.mode is not Mode.ENFORCE else hosts
     allowed = [mx for mx in allowed if policy is not None and mx_allowed(policy, mx.name)]
@@ -191,10 +183,5 @@ def requiretls_hosts(
         f"REQUIRETLS: the MX hosts of {domain} were found neither through DNSSEC nor "
         "through an MTA-STS policy in mode enforce (RFC 8689 4.2.1)"
     )
-    pending = progress.pending()
-    for i in pending:
-        progress.outcomes[i] = Outcome(
-            progress.recipients[i][0], Status.PERMANENT, reason, status_code="5.7.30"
-        )
-    log_attempt(progress, pending, Status.PERMANENT, reason)
+    progress.settle(Status.PERMANENT, reason, "5.7.30")
     return []

@@ -94,6 +94,14 @@ class Progress:
             groups[(Status.TRANSIENT, result.session_error)] = self.pending()
         return groups
 
+    def settle(self, status: Status, reason: str, code: str | None = None) -> None:
+        """Decide every recipient still pending with *status* (no session was made:
+        DNS, a policy), and log it once."""
+        pending = self.pending()
+        for i in pending:
+            self.outcomes[i] = Outcome(self.recipients[i][0], status, reason, status_code=code)
+        log_attempt(self, pending, status, reason)
+
     def finish(self, status: Status, reason: str, code: str | None = None) -> list[Outcome]:
         """Fill every undecided recipient with *status* (and RFC 3463 *code*); the final
         list, in order."""
