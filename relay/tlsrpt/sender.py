@@ -21,7 +21,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ import aiohttp
 
 from relay.config import TlsReportsConfig
 from relay.log import event
+from relay.safeio import atomic_write
 from relay.tlspolicy.contexts import trust_store_context
 from relay.tlspolicy.stsfetch import RelayResolver
 from relay.tlsrpt import counts, report
@@ -243,9 +243,8 @@ def _mark_handled(root: Path, day: str, domain: str) -> None:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    """A queued report is kept like any file the relay must not lose (relay.safeio)."""
+    atomic_write(path, json.dumps(doc).encode(), 0o640)
 
 
 async def run(sender: ReportSender, every: float = 600.0) -> None:
