@@ -8,8 +8,10 @@ Shutdown order: listeners first (no new mail; sessions get 421, a message being
 written still gets its 250), then the queue side drains, then the metrics endpoint.
 
 Metrics: one :class:`~relay.metrics.Metrics` registry, handed to the listeners, the
-scheduler and the deliverer; the gauges read the gate, the scheduler and hold/ at
-scrape time.  The HTTP endpoint runs only when ``metrics.address`` is configured.
+scheduler and the deliverer; the gauges read the gate, the scheduler and hold/ every
+few seconds and at each scrape.  The HTTP endpoint runs only when ``metrics.address``
+is configured; then :func:`serve` first puts the values in ``<spool>/metrics`` so
+that every worker's scrape sums them all (relay.metrics).
 
 The seam for the queue side is :meth:`App.on_queued` (the listener calls it after
 each 250) and :meth:`App.start` / :meth:`App.stop`; the scheduler and deliverer are
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay import log as relaylog
+from relay import metrics as metricsmod
 from relay import workers
 from relay.audit.trail import AuditTrail
 from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel, TlsReportsConfig
@@ -46,7 +49,7 @@ from relay.intake.gate import Gate
 from relay.intake.listener import Listener
 from relay.intake.users import UserDb
 from relay.log import event
-from relay.metrics import Metrics, MetricsServer
+from relay.metrics import Metrics, MetricsServer, refresh_forever
 from relay.queue.envelope import QueueEnvelope, Recipient
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool, claim
@@ -81,6 +84,7 @@ class App:
     _cert_watch: asyncio.Task[None] | None = None
     _auth_executor: concurrent.futures.ThreadPoolExecutor | None = None
     _reports_task: asyncio.Task[None] | None = None
+    _refresh_task: asyncio.Task[None] | None = None
 
     def passwords_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """The scrypt threads, one pool for the process (a reload keeps it)."""
@@ -121,7 +125,11 @@ class App:
                 await self.metrics_server.stop()
             await self.scheduler.stop(0)
             raise
-        self._cert_watch = asyncio.create_task(watch_certificates(lambda: self.cfg.tls))
+        self._cert_watch = asyncio.create_task(
+            watch_certificates(lambda: self.cfg.tls, self.metrics)
+        )
+        if self.metrics_server is not None:
+            self._refresh_task = asyncio.create_task(refresh_forever(self.metrics))
         event(
             log,
             "relay_started",
@@ -140,8 +148,9 @@ class App:
             self._dnssec_watch = None
 
     async def stop(self) -> None:
-        if self._cert_watch is not None:
-            self._cert_watch.cancel()
+        for task in (self._cert_watch, self._refresh_task):
+            if task is not None:
+                task.cancel()
         if self.readiness is not None:
             self.readiness.listening = False  # draining: take no new mail
         await self._stop_dnssec_watch()
@@ -222,13 +231,18 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         Listener(cfg, spec, spool, passwords, app.on_queued, context, gate, metrics, sock=sock)
         for spec, sock in zip(cfg.listeners, sockets, strict=True)
     ]
-    metrics.connections_active.track(lambda: gate.connections)
-    metrics.queue_messages.track(lambda: scheduler.queued)
-    metrics.queue_held.track(lambda: len(spool.ids(held=True)))  # one listdir per scrape
+    metrics.track(metrics.connections_active, lambda: gate.connections)
+    metrics.track(metrics.queue_messages, lambda: scheduler.queued)
+    metrics.track(metrics.queue_oldest, scheduler.oldest_age)
+    metrics.track(metrics.queue_held, lambda: len(spool.ids(held=True)))  # one listdir
     app.readiness = Readiness(spool.queue_dir, cfg.limits.max_message_size)
     if cfg.metrics is not None:  # bind only where configured
         app.metrics_server = MetricsServer(
-            metrics, cfg.metrics.host, cfg.metrics.port, ready=app.readiness.problem
+            metrics,
+            cfg.metrics.host,
+            cfg.metrics.port,
+            ready=app.readiness.problem,
+            sock=worker.metrics_socket if worker is not None else None,
         )
     return app
 
@@ -319,6 +333,8 @@ def serve(cfg: Config) -> int:
     signal.signal(signal.SIGHUP, workers.ignore_hangup)  # from the first moment on
     claimed = claim(cfg.spool.path)  # before recovery, sockets, anything: one serve a spool
     try:
+        if cfg.metrics is not None:  # before any Metrics exists (relay.metrics)
+            metricsmod.use_directory(cfg.spool.path / "metrics")
         count = workers.resolve(cfg)
         if count > 1:
             return workers.supervise(cfg, count, serve_worker)

@@ -207,6 +207,15 @@ def expiry_warning(cert: Path, now: dt.datetime | None = None) -> str | None:
     return None
 
 
+def not_after(cert: Path) -> float | None:
+    """When *cert* expires, as Unix time; None when it cannot be read."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return certificate.not_valid_after_utc.timestamp()
+
+
 def expiry_warnings(*certs: Path | None) -> list[str]:
     """expiry_warning for each certificate given (tls.cert, tls.rsa_cert; None skipped)."""
     return [w for w in (expiry_warning(c) for c in certs if c is not None) if w is not None]

@@ -1,17 +1,27 @@
-"""Metrics: counters and gauges, and the HTTP endpoint that serves them to Prometheus.
+"""Metrics: every tls-relay metric, on prometheus-client, and the HTTP endpoint that
+serves them with ``/healthz`` and ``/readyz``.
 
-Role: :class:`Metrics` is the registry of every tls-relay metric (names, help text,
-types and label names are all declared here, so the catalogue reads in one place).
-The parts that count get it through their constructors (app.py wires it) and call
-``metrics.accepted.inc()`` and the like; gauges whose value lives elsewhere (queue
-size, open connections) read it through a callback at scrape time.  :meth:`render`
-gives the Prometheus text exposition format 0.0.4.  :class:`MetricsServer` is a tiny
-HTTP/1.1 responder for ``GET /metrics`` (404 for other paths, one request per
-connection, bounded request size, read timeout and number of clients).
+Role: :class:`Metrics` declares every metric (names, help text, types and label
+names read in one place).  The parts that count get it through their constructors
+(app.py wires it) and call ``metrics.accepted.inc()`` and the like; gauges whose
+value lives elsewhere (queue size, open connections) are read from a callback by
+:meth:`Metrics.refresh`, every few seconds and before each scrape.
+:class:`MetricsServer` is a tiny HTTP/1.1 responder for ``GET /metrics``,
+``/healthz`` and ``/readyz`` (404 for other paths, one request per connection,
+bounded request size, read timeout and number of clients).
 
-Not: deciding anything (it only counts what the parts report), histograms, or a
-general web server - no keep-alive, no request bodies, no TLS (bind it to loopback
-or a management network; the config names the address).
+Several processes: ``serve`` calls :func:`use_directory` before anything builds a
+:class:`Metrics`.  prometheus-client then keeps every value in a small file per
+process under ``<spool>/metrics`` (its multiprocess mode), and a scrape of any
+process sums the files of all of them: with ``workers: N`` each worker serves the
+one metrics socket the supervisor bound, and each answers for the whole relay.
+Counters of a worker that died stay in the sum; its gauges leave it
+(:func:`process_died`).  Because the library chooses that mode when it is first
+imported, this module imports it only inside functions.
+
+Not: deciding anything (it only counts what the parts report), or a general web
+server - no keep-alive, no request bodies, no TLS (bind it to loopback or a
+management network; the config names the address).
 """
 
 from __future__ import annotations
@@ -19,13 +29,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import threading
+import os
+import socket
+import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from relay.errors import RelayError
 from relay.log import event
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("relay.metrics")
 
@@ -33,98 +48,29 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8192  # bytes of request line + headers; a scraper sends a few hundred
 READ_TIMEOUT = 5.0  # seconds for the whole exchange with one client
 MAX_CLIENTS = 16  # concurrent connections; more are closed at once
+REFRESH_EVERY = 5.0  # seconds between gauge refreshes (each process; a scrape also does)
+DIRECTORY_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch
 
-F = TypeVar("F", bound="_Family")
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+DEFER_REASONS = ("dns", "connection", "tls", "remote", "local")  # relay.delivery.outcome.Cause
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+def use_directory(path: Path) -> None:
+    """Keep metric values in per-process files under *path*, emptied first (a new
+    ``serve`` starts its counters at zero).  Before any :class:`Metrics` exists."""
+    if "prometheus_client" in sys.modules and os.environ.get(DIRECTORY_ENV) != str(path):
+        raise RuntimeError("prometheus_client was imported before metrics.use_directory")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[DIRECTORY_ENV] = str(path)
 
 
-def format_value(value: float) -> str:
-    """A sample value as Prometheus writes it: integers without a point, NaN, +Inf."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+def process_died(pid: int) -> None:
+    """Take the gauges of a dead worker out of the sums (its counters stay)."""
+    if os.environ.get(DIRECTORY_ENV):
+        from prometheus_client import multiprocess
 
-
-class _Family:
-    """One metric name with its samples, keyed by label values (in label-name order)."""
-
-    kind = "untyped"
-
-    def __init__(
-        self, name: str, help_text: str, labels: Sequence[str], lock: threading.Lock
-    ) -> None:
-        self.name = name
-        self.help = help_text
-        self.labels = tuple(labels)
-        self._lock = lock
-        self._values: dict[tuple[str, ...], float] = {}
-        if not self.labels:
-            self._values[()] = 0.0  # an unlabelled metric exists from the start, at 0
-
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(labels)}")
-        return tuple(str(labels[name]) for name in self.labels)
-
-    def get(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[tuple[tuple[str, ...], float]]:
-        with self._lock:
-            return sorted(self._values.items())
-
-
-class Counter(_Family):
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter only goes up (got {amount})")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-class Gauge(_Family):
-    kind = "gauge"
-
-    def __init__(
-        self, name: str, help_text: str, labels: Sequence[str], lock: threading.Lock
-    ) -> None:
-        super().__init__(name, help_text, labels, lock)
-        self._read: Callable[[], float] | None = None
-
-    def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def track(self, read: Callable[[], float]) -> None:
-        """Take the (unlabelled) value from *read* at every scrape instead."""
-        if self.labels:
-            raise ValueError(f"{self.name}: only an unlabelled gauge can track a callback")
-        self._read = read
-
-    def samples(self) -> list[tuple[tuple[str, ...], float]]:
-        if self._read is None:
-            return super().samples()
-        try:
-            return [((), float(self._read()))]
-        except Exception as exc:  # a failing source drops its sample, not the whole scrape
-            event(log, "metric_unavailable", logging.WARNING, metric=self.name, error=exc)
-            return []
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -135,74 +81,148 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._families: list[_Family] = []
-        self.sessions = self.counter(
+        import prometheus_client as pc
+
+        pc.disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double every counter
+        self.registry: CollectorRegistry = pc.CollectorRegistry(auto_describe=True)
+        self._sources: list[tuple[str, Gauge, Callable[[], float]]] = []
+        self._pc = pc
+
+        def counter(name: str, text: str, labels: Sequence[str] = ()) -> Counter:
+            return pc.Counter(name, text, labels, registry=self.registry)
+
+        def gauge(name: str, text: str, mode: Any, labels: Sequence[str] = ()) -> Gauge:
+            return pc.Gauge(name, text, labels, registry=self.registry, multiprocess_mode=mode)
+
+        self.sessions = counter(
             "tls_relay_sessions_total", "SMTP sessions admitted, per listener.", ("listener",)
         )
-        self.accepted = self.counter(
+        self.inbound_tls = counter(
+            "tls_relay_inbound_tls_sessions_total",
+            "Client sessions that completed a TLS handshake, per listener, version and cipher.",
+            ("listener", "version", "cipher"),
+        )
+        self.accepted = counter(
             "tls_relay_messages_accepted_total", "Messages stored in the spool and given 250."
         )
-        self.rejected = self.counter(
+        self.rejected = counter(
             "tls_relay_messages_rejected_total",
             "Messages refused after DATA (bad_data, spool_full, spool_error, shutdown).",
             ("reason",),
         )
-        self.deliveries = self.counter(
+        self.deliveries = counter(
             "tls_relay_deliveries_total",
             "Delivery results per recipient: delivered, deferred or bounced.",
             ("outcome",),
         )
-        self.tls_failures = self.counter(
-            "tls_relay_tls_failures_total",
-            "Attempts at one MX address that failed the TLS requirement (STARTTLS missing, "
-            "handshake, certificate, version); each defers to the next MX.",
+        self.deferrals = counter(
+            "tls_relay_deferrals_total",
+            "Deferred recipients by reason class: dns, connection, tls (TLS or policy "
+            "not met), remote (a 4xx reply), local.",
+            ("reason",),
         )
-        self.mta_sts_testing = self.counter(
+        self.outbound_tls = counter(
+            "tls_relay_outbound_tls_sessions_total",
+            "New sessions to MX hosts that met their TLS requirement, per TLS version, "
+            "level met and policy source (static, mta-sts, dane).",
+            ("version", "level", "policy"),
+        )
+        self.tls_failures = counter(
+            "tls_relay_tls_failures_total",
+            "MX addresses that failed the TLS requirement, per RFC 8460 result type "
+            "(each defers to the next MX).",
+            ("result_type",),
+        )
+        self.mta_sts_testing = counter(
             "tls_relay_mta_sts_testing_total",
             "MTA-STS policies in mode testing, judged as enforce would at one MX address: "
             "pass or fail (delivery went on either way).",
             ("result",),
         )
-        self.bounces = self.counter(
+        self.bounces = counter(
             "tls_relay_bounces_generated_total", "Failure DSNs (bounces) queued for senders."
         )
-        self.queue_messages = self.gauge(
-            "tls_relay_queue_messages", "Messages in queue/ known to the scheduler."
+        self.reloads = counter(
+            "tls_relay_reloads_total",
+            "SIGHUP reloads per result (ok, failed); with workers, one per worker.",
+            ("result",),
         )
-        self.queue_held = self.gauge("tls_relay_queue_held", "Envelopes in hold/.")
-        self.connections_active = self.gauge(
-            "tls_relay_connections_active", "Open SMTP client connections, all listeners."
-        )
+        self._gauges(gauge)
         for outcome in ("delivered", "deferred", "bounced"):
-            self.deliveries.inc(0, outcome=outcome)  # all three show from the first scrape
+            self.deliveries.labels(outcome=outcome)  # all three show from the first scrape
+        for reason in DEFER_REASONS:
+            self.deferrals.labels(reason=reason)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result=result)
 
-    def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, help_text, labels, self._lock))
+    def _gauges(self, gauge: Callable[..., Gauge]) -> None:
+        self.queue_messages = gauge(
+            "tls_relay_queue_messages", "Messages in queue/ known to the scheduler.", "livesum"
+        )
+        self.queue_oldest = gauge(
+            "tls_relay_queue_oldest_message_age_seconds",
+            "Age of the oldest message in queue/ (0 when it is empty).",
+            "livemax",
+        )
+        self.queue_held = gauge("tls_relay_queue_held", "Envelopes in hold/.", "livemax")
+        self.connections_active = gauge(
+            "tls_relay_connections_active",
+            "Open SMTP client connections, all listeners.",
+            "livesum",
+        )
+        self.cert_expiry = gauge(
+            "tls_relay_certificate_expiry_timestamp_seconds",
+            "When the listener certificate expires (Unix time), per config key "
+            "(cert, rsa_cert); the earliest any live worker serves.",
+            "livemin",
+            ("certificate",),
+        )
+        self.reload_ok = gauge(
+            "tls_relay_config_last_reload_successful",
+            "1 when the last reload applied (or none was asked), 0 when it failed.",
+            "livemin",
+        )
+        self.reload_ok.set(1)
 
-    def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
-        return self._add(Gauge(name, help_text, labels, self._lock))
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Set *gauge* (unlabelled) from *read* at every :meth:`refresh`."""
+        name = next(iter(gauge.describe())).name
+        self._sources.append((name, gauge, read))
 
-    def _add(self, family: F) -> F:
-        if any(f.name == family.name for f in self._families):
-            raise ValueError(f"metric {family.name} is already registered")
-        self._families.append(family)
-        return family
+    def refresh(self) -> None:
+        for name, gauge, read in self._sources:
+            try:
+                gauge.set(float(read()))
+            except Exception as exc:  # a failing source keeps its last value, not the scrape
+                event(log, "metric_unavailable", logging.WARNING, metric=name, error=exc)
 
-    def render(self) -> str:
-        """The text exposition format 0.0.4: HELP, TYPE, then one line per sample."""
-        lines: list[str] = []
-        for family in self._families:
-            lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-            lines.append(f"# TYPE {family.name} {family.kind}")
-            for key, value in family.samples():
-                labels = ",".join(
-                    f'{name}="{_escape_label(val)}"'
-                    for name, val in zip(family.labels, key, strict=True)
-                )
-                sample = f"{family.name}{{{labels}}}" if labels else family.name
-                lines.append(f"{sample} {format_value(value)}")
-        return "\n".join(lines) + "\n"
+    def _scrape_registry(self) -> CollectorRegistry:
+        path = os.environ.get(DIRECTORY_ENV)
+        if not path:
+            return self.registry
+        from prometheus_client import multiprocess
+
+        merged = self._pc.CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
+        return merged
+
+    def render(self) -> bytes:
+        """The text exposition format 0.0.4, summed over every process."""
+        self.refresh()
+        return self._pc.generate_latest(self._scrape_registry())
+
+    def sample(self, name: str, **labels: str) -> float:
+        """One sample's value as a scrape would show it (0 when absent): for tests."""
+        self.refresh()
+        found = self._scrape_registry().get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+
+async def refresh_forever(metrics: Metrics, every: float = REFRESH_EVERY) -> None:
+    """Keep this process's gauges current for scrapes that another worker answers."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(every)
 
 
 class MetricsServer:
@@ -217,8 +237,10 @@ class MetricsServer:
         read_timeout: float = READ_TIMEOUT,
         max_request: int = MAX_REQUEST,
         ready: Callable[[], str | None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.metrics = metrics
+        self.sock = sock  # bound by the supervisor, shared by every worker
         self.ready = ready  # /readyz: None when ready, else why not (relay.health)
         self.host = host
         self.requested_port = port
@@ -240,13 +262,18 @@ class MetricsServer:
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(
-                self._client,
-                host=self.host,
-                port=self.requested_port,
-                limit=self.max_request,
-                reuse_address=True,
-            )
+            if self.sock is not None:
+                self._server = await asyncio.start_server(
+                    self._client, sock=self.sock, limit=self.max_request
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._client,
+                    host=self.host,
+                    port=self.requested_port,
+                    limit=self.max_request,
+                    reuse_address=True,
+                )
         except OSError as exc:
             raise RelayError(f"cannot listen on metrics address {self.address}: {exc}") from exc
         event(log, "metrics_start", address=self.address)
@@ -313,8 +340,8 @@ class MetricsServer:
         return _response(200, "OK", self.metrics.render(), (f"Content-Type: {CONTENT_TYPE}",))
 
 
-def _response(code: int, reason: str, body: str, headers: Sequence[str] = ()) -> bytes:
-    payload = body.encode()
+def _response(code: int, reason: str, body: str | bytes, headers: Sequence[str] = ()) -> bytes:
+    payload = body if isinstance(body, bytes) else body.encode()
     if not any(h.startswith("Content-Type:") for h in headers):
         headers = (*headers, "Content-Type: text/plain; charset=utf-8")
     head = [f"HTTP/1.1 {code} {reason}", *headers]

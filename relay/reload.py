@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from relay import config
@@ -53,14 +54,9 @@ def reload(app: App) -> bool:
         context = tlscontext.server_context(new.tls)
         users = UserDb.load(new.clients.users_file) if new.clients.users_file else None
     except ConfigError as exc:
-        for problem in exc.problems:
-            event(log, "reload_failed", logging.ERROR, problem=problem)
-        event(log, "reload_kept", logging.ERROR, reason="the running config stays")
-        return False
+        return _kept(app, exc.problems)
     except RelayError as exc:
-        event(log, "reload_failed", logging.ERROR, problem=str(exc))
-        event(log, "reload_kept", logging.ERROR, reason="the running config stays")
-        return False
+        return _kept(app, [str(exc)])
     restart = needs_restart(app.cfg, new)
     policy = dataclasses.replace(
         new.policy, mta_sts=app.cfg.policy.mta_sts, dane=app.cfg.policy.dane
@@ -79,5 +75,17 @@ def reload(app: App) -> bool:
     event(log, "reload_done", users=len(users) if users is not None else None)
     if restart:
         event(log, "reload_needs_restart", logging.WARNING, changed=",".join(restart))
-    warn_expiring(new.tls)
+    warn_expiring(new.tls, app.metrics)
+    app.metrics.reloads.labels(result="ok").inc()
+    app.metrics.reload_ok.set(1)
     return True
+
+
+def _kept(app: App, problems: Sequence[str]) -> bool:
+    """A reload that failed: every problem logged (as check-config words them)."""
+    for problem in problems:
+        event(log, "reload_failed", logging.ERROR, problem=problem)
+    event(log, "reload_kept", logging.ERROR, reason="the running config stays")
+    app.metrics.reloads.labels(result="failed").inc()
+    app.metrics.reload_ok.set(0)
+    return False

@@ -3,7 +3,7 @@
 Role: :func:`watch_dnssec` probes the resolver at start and again and again (Postfix's
 dnssec_probe: DANE only while it proves it validates), logging when the verdict
 changes; :func:`watch_certificates` warns at start and once a day while a listener
-certificate expires within 30 days.
+certificate expires within 30 days, and keeps the expiry-time metric current.
 Not: what DNSSEC or the certificate is used for (relay.delivery, relay.intake).
 """
 
@@ -17,6 +17,7 @@ from relay import certs
 from relay.config import ServerTls
 from relay.delivery.mx import DnssecState, MxResolver
 from relay.log import event
+from relay.metrics import Metrics
 
 log = logging.getLogger("relay.app")
 
@@ -67,15 +68,20 @@ async def watch_dnssec(resolver: MxResolver, dane_only: Sequence[str]) -> None:
             log.exception("dnssec_probe_error")
 
 
-def warn_expiring(tls: ServerTls) -> None:
-    """Log each listener certificate that expires within 30 days (start, daily, reload)."""
+def warn_expiring(tls: ServerTls, metrics: Metrics) -> None:
+    """Log each listener certificate that expires within 30 days (start, daily, reload);
+    set each one's expiry time in *metrics*."""
     for warning in certs.expiry_warnings(tls.cert, tls.rsa_cert):
         event(log, "certificate_expiring", logging.WARNING, warning=warning)
+    for key, path in (("cert", tls.cert), ("rsa_cert", tls.rsa_cert)):
+        until = certs.not_after(path) if path is not None else None
+        if until is not None:
+            metrics.cert_expiry.labels(certificate=key).set(until)
 
 
-async def watch_certificates(tls: Callable[[], ServerTls]) -> None:
+async def watch_certificates(tls: Callable[[], ServerTls], metrics: Metrics) -> None:
     """A warning at start and once a day while a listener certificate (as configured
     now: *tls* follows reloads) expires within 30 days."""
     while True:
-        warn_expiring(tls())
+        warn_expiring(tls(), metrics)
         await asyncio.sleep(CERT_CHECK_EVERY)

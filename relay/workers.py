@@ -17,7 +17,9 @@ exit status 1, so a supervisor such as systemd sees the failure.
 A Python process runs Python on one core at a time (the GIL): workers are how the
 relay uses a multi-core machine, as Postfix does with its many processes.
 Connection caps (``limits.max_connections``, ``max_connections_per_ip``) are
-divided among the workers; AUTH failure throttling is per worker.
+divided among the workers; AUTH failure throttling is per worker.  The metrics socket
+is bound here too and served by every worker, each scrape summing all of them
+(relay.metrics); a dead worker's gauges are taken out of the sums.
 
 Not: what a worker does (relay.app), or how a message is locked (relay.queue.spool).
 """
@@ -35,6 +37,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relay import metrics
 from relay.config import Config
 from relay.errors import RelayError
 from relay.log import event
@@ -57,6 +60,7 @@ class Worker:
     index: int
     count: int
     sockets: tuple[socket.socket, ...]  # one per cfg.listeners entry, in order
+    metrics_socket: socket.socket | None = None  # every worker serves /metrics on it
 
 
 def resolve(cfg: Config) -> int:
@@ -86,7 +90,10 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
     """Recover, bind, fork *count* workers running *run_worker*; wait; exit status."""
     for line in recover(Spool(cfg.spool.path)):
         event(log, "recovered", action=line)
-    sockets = tuple(bind(spec.host, spec.port) for spec in cfg.listeners)
+    listening = tuple(bind(spec.host, spec.port) for spec in cfg.listeners)
+    # Any worker answers a scrape, for all of them (relay.metrics: the values are in files).
+    metrics_socket = bind(cfg.metrics.host, cfg.metrics.port) if cfg.metrics else None
+    sockets = (listening, metrics_socket)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -107,11 +114,12 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
     status = 0
     try:
         for index in range(count):
-            children[_fork(cfg, Worker(index, count, sockets), run_worker)] = index
+            children[_fork(cfg, Worker(index, count, *sockets), run_worker)] = index
         event(log, "workers_started", count=count, pids=",".join(map(str, children)))
         while children:
             pid, code = _wait()
             index = children.pop(pid)
+            metrics.process_died(pid)  # its gauges leave the sums; its counters stay
             if stopping:
                 status = status or (1 if code else 0)
                 continue
@@ -126,12 +134,13 @@ def supervise(cfg: Config, count: int, run_worker: Callable[[Config, Worker], in
                 continue
             time.sleep(RESTART_PAUSE)
             if not stopping:
-                children[_fork(cfg, Worker(index, count, sockets), run_worker)] = index
+                children[_fork(cfg, Worker(index, count, *sockets), run_worker)] = index
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sock in sockets:
-            sock.close()
+        for sock in (*listening, metrics_socket):
+            if sock is not None:
+                sock.close()
     event(log, "workers_stopped", status=status)
     return status
 

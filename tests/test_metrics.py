@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import re
 import smtplib
 import ssl
 import time
@@ -16,12 +15,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import new_deliverer
 from relay.config import DeliveryConfig, DomainPolicy, PolicyConfig, QueueConfig
 from relay.delivery.mx import DnssecState, MxHost, MxResult, MxStatus
-from relay.delivery.outcome import Outcome, Status
-from relay.metrics import Metrics, MetricsServer, format_value
+from relay.delivery.outcome import Cause, Outcome, Status
+from relay.metrics import Metrics, MetricsServer
 from relay.queue.envelope import QueueEnvelope, Recipient
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
@@ -32,54 +32,19 @@ from tests.fixtures.relay_proc import RelayFactory
 HOST = "127.0.0.1"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-# ---- parsing the exposition format back --------------------------------------------
-
-NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-SAMPLE = re.compile(rf"^({NAME})(?:\{{(.*)\}})? (\S+)$")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-
-
-def _labels(text: str) -> tuple[tuple[str, str], ...]:
-    pairs: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(text):
-        match = LABEL.match(text, pos)
-        assert match, f"bad label set {text!r} at {pos}"
-        pairs.append((match.group(1), _unescape(match.group(2))))
-        pos = match.end()
-    return tuple(sorted(pairs))
+# ---- parsing the exposition format back (prometheus-client's own parser) --------------
 
 
 def parse(text: str) -> tuple[dict[str, str], Samples]:
-    """Types per family and every sample; asserts the 0.0.4 line grammar as it goes."""
-    assert text.endswith("\n")
+    """Types per family and every sample, as Prometheus reads them."""
     types: dict[str, str] = {}
-    helps: set[str] = set()
     samples: Samples = {}
-    current: str | None = None
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            assert name not in helps, f"second HELP for {name}"
-            helps.add(name)
-            current = name
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name == current and name not in types, line
-            assert kind in ("counter", "gauge", "untyped"), line
-            types[name] = kind
-        else:
-            match = SAMPLE.match(line)
-            assert match, f"not a sample line: {line!r}"
-            name, labels, value = match.groups()
-            assert name == current and name in types, f"sample outside its family: {line!r}"
-            key = (name, _labels(labels or ""))
-            assert key not in samples, f"duplicate sample {line!r}"
-            samples[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = sample.value
     return types, samples
 
 
@@ -89,94 +54,92 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 # ---- the registry ---------------------------------------------------------------------
 
+FAMILIES = {
+    "tls_relay_sessions": "counter",
+    "tls_relay_inbound_tls_sessions": "counter",
+    "tls_relay_messages_accepted": "counter",
+    "tls_relay_messages_rejected": "counter",
+    "tls_relay_deliveries": "counter",
+    "tls_relay_deferrals": "counter",
+    "tls_relay_outbound_tls_sessions": "counter",
+    "tls_relay_tls_failures": "counter",
+    "tls_relay_mta_sts_testing": "counter",
+    "tls_relay_bounces_generated": "counter",
+    "tls_relay_reloads": "counter",
+    "tls_relay_queue_messages": "gauge",
+    "tls_relay_queue_oldest_message_age_seconds": "gauge",
+    "tls_relay_queue_held": "gauge",
+    "tls_relay_connections_active": "gauge",
+    "tls_relay_certificate_expiry_timestamp_seconds": "gauge",
+    "tls_relay_config_last_reload_successful": "gauge",
+}
 
-def test_render_parses_back_line_by_line() -> None:
+
+def test_render_parses_back() -> None:
     m = Metrics()
-    m.sessions.inc(listener="127.0.0.1:587")
-    m.sessions.inc(listener="127.0.0.1:587")
-    m.sessions.inc(listener='odd "name"\\with\nnewline')
+    m.sessions.labels(listener="127.0.0.1:587").inc()
+    m.sessions.labels(listener="127.0.0.1:587").inc()
+    m.sessions.labels(listener='odd "name"\\with\nnewline').inc()
+    m.inbound_tls.labels(listener="x", version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384").inc()
     m.accepted.inc()
-    m.rejected.inc(reason="bad_data")
-    m.deliveries.inc(outcome="deferred")
-    m.tls_failures.inc(3)
-    m.queue_messages.track(lambda: 7)
+    m.rejected.labels(reason="bad_data").inc()
+    m.deliveries.labels(outcome="deferred").inc()
+    m.tls_failures.labels(result_type="certificate-expired").inc(3)
+    m.track(m.queue_messages, lambda: 7)
     m.queue_held.set(2)
-    types, samples = parse(m.render())
-    assert types == {
-        "tls_relay_sessions_total": "counter",
-        "tls_relay_messages_accepted_total": "counter",
-        "tls_relay_messages_rejected_total": "counter",
-        "tls_relay_deliveries_total": "counter",
-        "tls_relay_tls_failures_total": "counter",
-        "tls_relay_mta_sts_testing_total": "counter",
-        "tls_relay_bounces_generated_total": "counter",
-        "tls_relay_queue_messages": "gauge",
-        "tls_relay_queue_held": "gauge",
-        "tls_relay_connections_active": "gauge",
-    }
-    assert samples == {
-        ("tls_relay_sessions_total", (("listener", "127.0.0.1:587"),)): 2,
-        ("tls_relay_sessions_total", (("listener", 'odd "name"\\with\nnewline'),)): 1,
-        ("tls_relay_messages_accepted_total", ()): 1,
-        ("tls_relay_messages_rejected_total", (("reason", "bad_data"),)): 1,
-        ("tls_relay_deliveries_total", (("outcome", "bounced"),)): 0,
-        ("tls_relay_deliveries_total", (("outcome", "deferred"),)): 1,
-        ("tls_relay_deliveries_total", (("outcome", "delivered"),)): 0,
-        ("tls_relay_tls_failures_total", ()): 3,
-        ("tls_relay_bounces_generated_total", ()): 0,
-        ("tls_relay_queue_messages", ()): 7,
-        ("tls_relay_queue_held", ()): 2,
-        ("tls_relay_connections_active", ()): 0,
-    }
+    types, samples = parse(m.render().decode())
+    assert types == FAMILIES
+    assert value(samples, "tls_relay_sessions_total", listener="127.0.0.1:587") == 2
+    assert value(samples, "tls_relay_sessions_total", listener='odd "name"\\with\nnewline') == 1
+    tls13 = {"listener": "x", "version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}
+    assert value(samples, "tls_relay_inbound_tls_sessions_total", **tls13) == 1
+    assert value(samples, "tls_relay_messages_accepted_total") == 1
+    assert value(samples, "tls_relay_messages_rejected_total", reason="bad_data") == 1
+    for outcome, count in (("delivered", 0), ("deferred", 1), ("bounced", 0)):
+        assert value(samples, "tls_relay_deliveries_total", outcome=outcome) == count
+    for reason in ("dns", "connection", "tls", "remote", "local"):  # all shown from the start
+        assert value(samples, "tls_relay_deferrals_total", reason=reason) == 0
+    failures = "tls_relay_tls_failures_total"
+    assert value(samples, failures, result_type="certificate-expired") == 3
+    assert value(samples, "tls_relay_queue_messages") == 7
+    assert value(samples, "tls_relay_queue_held") == 2
+    assert value(samples, "tls_relay_config_last_reload_successful") == 1
+    assert not any(name.endswith("_created") for name, _ in samples)  # no doubled series
 
 
 def test_fresh_registry_shows_every_unlabelled_metric_at_zero() -> None:
-    text = Metrics().render()
-    assert "\ntls_relay_messages_accepted_total 0\n" in text
-    assert text.startswith("# HELP tls_relay_sessions_total ")
-    assert "# TYPE tls_relay_queue_held gauge\n" in text
+    _, samples = parse(Metrics().render().decode())
+    for name in ("tls_relay_messages_accepted_total", "tls_relay_bounces_generated_total"):
+        assert value(samples, name) == 0
+    assert value(samples, "tls_relay_reloads_total", result="failed") == 0
 
 
-@pytest.mark.parametrize(
-    ("number", "text"),
-    [
-        (0, "0"),
-        (3.0, "3"),
-        (-2, "-2"),
-        (0.25, "0.25"),
-        (float("nan"), "NaN"),
-        (float("inf"), "+Inf"),
-        (float("-inf"), "-Inf"),
-        (2.0**60, "1.152921504606847e+18"),
-    ],
-)
-def test_format_value(number: float, text: str) -> None:
-    assert format_value(number) == text
-
-
-def test_labels_are_checked_and_counters_only_go_up() -> None:
+def test_failing_gauge_source_keeps_its_last_value() -> None:
     m = Metrics()
-    with pytest.raises(ValueError, match="takes labels"):
-        m.sessions.inc()
-    with pytest.raises(ValueError, match="takes labels"):
-        m.accepted.inc(reason="x")
-    with pytest.raises(ValueError, match="only goes up"):
-        m.accepted.inc(-1)
-    with pytest.raises(ValueError, match="already registered"):
-        m.counter("tls_relay_sessions_total", "again")
+    broken = False
 
+    def held() -> float:
+        if broken:
+            raise OSError("hold/ vanished")
+        return 4
 
-def test_failing_gauge_source_drops_only_its_sample() -> None:
-    m = Metrics()
-
-    def broken() -> float:
-        raise OSError("hold/ vanished")
-
-    m.queue_held.track(broken)
+    m.track(m.queue_held, held)
+    assert m.sample("tls_relay_queue_held") == 4
+    broken = True
     m.accepted.inc()
-    _, samples = parse(m.render())
-    assert ("tls_relay_queue_held", ()) not in samples
+    _, samples = parse(m.render().decode())
+    assert value(samples, "tls_relay_queue_held") == 4
     assert value(samples, "tls_relay_messages_accepted_total") == 1
+
+
+def test_oldest_message_age_comes_from_the_queue_id(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    spool = Spool(tmp_path / "spool", clock=lambda: now - 90)
+    sched = Scheduler(spool, ScriptedDeliverer({}), QueueConfig(), "relay.test", clock=lambda: now)
+    assert sched.oldest_age() == 0
+    sched.enqueue(spool.new_id())  # arrived 90 s ago
+    sched.enqueue(Spool(tmp_path / "spool", clock=lambda: now - 5).new_id())
+    assert sched.oldest_age() == pytest.approx(90, abs=0.01)
 
 
 # ---- the HTTP endpoint ----------------------------------------------------------------
@@ -294,19 +257,21 @@ async def test_scheduler_counts_outcomes_and_bounces(tmp_path: Path) -> None:
     m = Metrics()
     fake = ScriptedDeliverer({"b@y.test": Status.PERMANENT, "c@z.test": Status.TRANSIENT})
     sched = Scheduler(spool, fake, QueueConfig(), "relay.test", metrics=m)
-    m.queue_messages.track(lambda: sched.queued)
+    m.track(m.queue_messages, lambda: sched.queued)
     rcpts = [Recipient(address=a) for a in ("a@x.test", "b@y.test", "c@z.test")]
     env = QueueEnvelope(spool.new_id(), spool.clock(), "app@corp.test", rcpts, size=3)
     spool.store(env, b"x\r\n")
     await sched.start()
     try:
         # a delivered, b bounced (its DSN to app@corp.test is then delivered), c deferred
-        await until(lambda: m.deliveries.get(outcome="delivered") == 2)
-        assert m.deliveries.get(outcome="bounced") == 1
-        assert m.deliveries.get(outcome="deferred") == 1
-        assert m.bounces.get() == 1
+        deliveries = "tls_relay_deliveries_total"
+        await until(lambda: m.sample(deliveries, outcome="delivered") == 2)
+        assert m.sample(deliveries, outcome="bounced") == 1
+        assert m.sample(deliveries, outcome="deferred") == 1
+        assert m.sample("tls_relay_deferrals_total", reason="local") == 1  # no cause given
+        assert m.sample("tls_relay_bounces_generated_total") == 1
         await until(lambda: sched.queued == 1)  # the DSN is gone; c's message waits
-        _, samples = parse(m.render())
+        _, samples = parse(m.render().decode())
         assert value(samples, "tls_relay_queue_messages") == 1
     finally:
         await sched.stop(0)
@@ -343,7 +308,9 @@ async def test_deliverer_counts_tls_failures() -> None:
         await d.close()
         await peer.stop()
     assert outcomes[0].status is Status.TRANSIENT  # never plaintext, never a bounce
-    assert m.tls_failures.get() == 1
+    assert outcomes[0].cause is Cause.TLS
+    failures = "tls_relay_tls_failures_total"
+    assert m.sample(failures, result_type="starttls-not-supported") == 1
 
 
 # ---- end to end: tls-relay serve with metrics.address ----------------------------------

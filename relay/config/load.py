@@ -254,7 +254,7 @@ def _log_level(ctx: check.Ctx, raw: Any) -> str:
 MAX_WORKERS = 64
 
 
-def _workers(ctx: check.Ctx, raw: Any, metrics: bool) -> int | None:
+def _workers(ctx: check.Ctx, raw: Any) -> int | None:
     """``workers``: how many ``serve`` processes share the listeners and the spool."""
     if raw == "auto":
         value: int | None = None
@@ -263,9 +263,6 @@ def _workers(ctx: check.Ctx, raw: Any, metrics: bool) -> int | None:
     else:
         ctx.add("workers", f'must be "auto" or a whole number from 1 to {MAX_WORKERS}', raw)
         return 1
-    if value != 1 and metrics:
-        # Each process counts only its own traffic: a scrape would see a part of it.
-        ctx.add("workers", "must be 1 when metrics are enabled (counters are per process)", raw)
     return value
 
 
@@ -325,7 +322,7 @@ def _build(ctx: check.Ctx, data: dict[str, Any], path: Path) -> Config | None:
         evidence_section.tls_reports(ctx, data["tls_reports"]) if "tls_reports" in data else None
     )
     log_level = _log_level(ctx, data["log_level"]) if "log_level" in data else "INFO"
-    workers = _workers(ctx, data["workers"], metrics is not None) if "workers" in data else 1
+    workers = _workers(ctx, data["workers"]) if "workers" in data else 1
     _route_auth_levels(ctx, delivery, policy)
     if tls is None or spool is None or not listeners:
         return None

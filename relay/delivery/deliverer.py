@@ -27,7 +27,7 @@ from dataclasses import replace
 from relay.config import DeliveryConfig, PolicyConfig, TlsLevel
 from relay.delivery.hostpolicy import targets
 from relay.delivery.mx import DnssecState, MxResolver, route_for
-from relay.delivery.outcome import Outcome, Status
+from relay.delivery.outcome import Cause, Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
 from relay.delivery.progress import Progress, log_attempt, log_testing
 from relay.delivery.session import (
@@ -49,6 +49,7 @@ from relay.tlspolicy.dane import TlsaStatus
 from relay.tlspolicy.mtasts import Mode, StsPolicy
 from relay.tlspolicy.ststore import StsPolicies
 from relay.tlspolicy.verdict import (
+    AUTHENTICATION,
     PolicySource,
     Requirement,
     Verdict,
@@ -64,17 +65,6 @@ log = logging.getLogger("relay.delivery")
 
 MAX_STALE = 3  # dead pooled sessions replaced, at most, within one attempt
 REQUIRETLS_CODE = "5.7.30"  # RFC 8689 6: REQUIRETLS support required
-# RFC 8460 result types that say the server could not be authenticated: for REQUIRETLS
-# a reason to return the message; anything else (a 454, a reset) may pass later.
-AUTHENTICATION = frozenset(
-    {
-        "certificate-host-mismatch",
-        "certificate-expired",
-        "certificate-not-trusted",
-        "tlsa-invalid",
-        "dane-required",
-    }
-)
 
 
 class Deliverer:
@@ -141,7 +131,7 @@ class Deliverer:
                     f"attempt deadline of {self.cfg.attempt_deadline:g}s exceeded "
                     f"during {progress.trace.stage}"
                 )
-                progress.reasons.append(reason)
+                progress.fail(reason, Cause.CONNECTION)
                 log_attempt(progress, progress.pending(), Status.TRANSIENT, reason, progress.target)
         reason = "; ".join(progress.reasons) or "no MX host tried"
         if progress.requiretls_refused():
@@ -175,7 +165,7 @@ class Deliverer:
                     "DANE is on but the resolver has not answered the DNSSEC probe yet "
                     f"({self.resolver.dnssec_problem}); deferred rather than sent without DANE"
                 )
-                progress.reasons.append(reason)
+                progress.fail(reason, Cause.DNS)
                 log_attempt(progress, progress.pending(), Status.TRANSIENT, reason)
                 return
         if route is None and self._sts is not None:
@@ -247,7 +237,7 @@ class Deliverer:
         session, verdict, reused = got
         if progress.requiretls and not session.smtp.supports_extension("requiretls"):
             reason = f"{target.label} does not offer REQUIRETLS, which the message requires"
-            progress.reasons.append(reason)
+            progress.fail(reason, Cause.TLS)
             progress.requiretls_failures += 1
             log_attempt(progress, pending, Status.TRANSIENT, reason, target, req, session.observed)
             await self._release(key, session, True)  # fine for other mail
@@ -322,7 +312,7 @@ class Deliverer:
         reason: str | None = None,
     ) -> None:
         ok = verdict is not None and verdict.ok
-        self.metrics.mta_sts_testing.inc(result="pass" if ok else "fail")
+        self.metrics.mta_sts_testing.labels(result="pass" if ok else "fail").inc()
         log_testing(progress, domain, target, verdict, reason)
 
     def _count(
@@ -351,10 +341,12 @@ class Deliverer:
         req: Requirement,
     ) -> None:
         """No usable session to *target*: the recipients may try the next MX."""
-        progress.reasons.append(failure.reason)
-        if failure.verdict is not None and not failure.verdict.ok:  # TLS/policy, not connect
-            self.metrics.tls_failures.inc()
-        if failure.verdict is not None and failure.verdict.result_type in AUTHENTICATION:
+        verdict = failure.verdict
+        tls = verdict is not None and not verdict.ok  # TLS/policy, not connect
+        progress.fail(failure.reason, Cause.TLS if tls else Cause.CONNECTION)
+        if verdict is not None and tls:
+            self.metrics.tls_failures.labels(result_type=verdict.result_type or "other").inc()
+        if verdict is not None and verdict.result_type in AUTHENTICATION:
             progress.requiretls_failures += 1  # RFC 8689: the server is not authenticated
         else:
             progress.other_failures += 1  # may pass later (a 454, a reset, no answer)
@@ -386,7 +378,15 @@ class Deliverer:
                 return session, verdict, True
             await polite_quit(session.smtp, QUIT_TIMEOUT)  # unfit now: not a failure
         got = await open_session(target, req, ctx, verify, self.cfg, self.hostname, trace)
-        return got if isinstance(got, Failure) else (*got, False)
+        if isinstance(got, Failure):
+            return got
+        observed, level = got[0].observed, got[1].level_met
+        self.metrics.outbound_tls.labels(
+            version=observed.tls_version or "none",
+            level=level.label if level is not None else "none",
+            policy=req.policy_source.value,
+        ).inc()
+        return (*got, False)
 
     async def _release(self, key: PoolKey, session: OutboundSession, reusable: bool) -> None:
         if (

@@ -19,7 +19,7 @@ import logging
 
 from relay.config import DeliveryConfig, Route
 from relay.delivery.mx import MxHost, MxResolver, MxStatus
-from relay.delivery.outcome import Status
+from relay.delivery.outcome import Cause, Status
 from relay.delivery.progress import Progress, log_attempt
 from relay.delivery.session import Target
 from relay.domains import Domain
@@ -52,7 +52,7 @@ async def targets(
         progress.trace.stage = f"address lookup of next hop {host}"
         addresses = await resolver.addresses(host)
         if not addresses:
-            progress.reasons.append(f"next hop {host} for {domain} has no address")
+            progress.fail(f"next hop {host} for {domain} has no address", Cause.DNS)
         return [
             Target(host, ip, route.port, route.implicit_tls, route.auth)
             for ip in addresses[:MAX_ADDRESSES_PER_HOST]
@@ -61,7 +61,7 @@ async def targets(
     result = await resolver.resolve(domain)
     if result.status is not MxStatus.OK:
         status = Status.PERMANENT if result.status is MxStatus.PERMANENT else Status.TRANSIENT
-        progress.settle(status, result.reason)  # before any host: every recipient
+        progress.settle(status, result.reason, Cause.DNS)  # before any host: every recipient
         return []
     hosts = list(result.hosts[: cfg.max_mx_hosts])
     if progress.requiretls:
@@ -75,7 +75,8 @@ async def targets(
         addresses = mx.addresses or await resolver.addresses(mx.name)
         targets += [Target(mx.name, ip, cfg.port) for ip in addresses[:MAX_ADDRESSES_PER_HOST]]
     if not targets:
-        progress.reasons.append(f"no MX host of {domain} has an address {result.reason}".strip())
+        reason = f"no MX host of {domain} has an address {result.reason}".strip()
+        progress.fail(reason, Cause.DNS)
     return targets
 
 
@@ -111,10 +112,10 @@ async def dane_hosts(
             usable.append(mx)
             continue
         reason = f"MX {mx.name} skipped: {tlsa.detail} for {tlsa.name} (RFC 7672 2.2)"
-        progress.reasons.append(reason)
+        progress.fail(reason, Cause.TLS)
         target = Target(mx.name, mx.addresses[0] if mx.addresses else "", port)
         verdict = Verdict(False, None, reason, DNSSEC_INVALID)
-        metrics.tls_failures.inc()
+        metrics.tls_failures.labels(result_type=DNSSEC_INVALID).inc()
         log_attempt(
             progress, progress.pending(), Status.TRANSIENT, reason, target, None, None, verdict
         )
@@ -156,7 +157,7 @@ def sts_hosts(progress: Progress, domain: Domain, hosts: list[MxHost]) -> list[M
             f"the MTA-STS policy of {domain} (enforce, id {state.id}) allows none of "
             f"its MX hosts ({', '.join(refused)}; patterns {', '.join(policy.mx)})"
         )
-        progress.settle(Status.TRANSIENT, reason)
+        progress.settle(Status.TRANSIENT, reason, Cause.TLS)
     return allowed
 
 
@@ -173,7 +174,7 @@ def requiretls_hosts(
     if policy is None and state is not None and state.failure is not None:
         # Whether the domain has a policy is unknown for now: ask again later.
         reason = f"REQUIRETLS: the MTA-STS policy of {domain} is unknown: {state.failure}"
-        progress.settle(Status.TRANSIENT, reason)
+        progress.settle(Status.TRANSIENT, reason, Cause.TLS)
         return []
     allowed = [] if policy is None or policy.mode is not Mode.ENFORCE else hosts
     allowed = [mx for mx in allowed if policy is not None and mx_allowed(policy, mx.name)]
@@ -183,5 +184,5 @@ def requiretls_hosts(
         f"REQUIRETLS: the MX hosts of {domain} were found neither through DNSSEC nor "
         "through an MTA-STS policy in mode enforce (RFC 8689 4.2.1)"
     )
-    progress.settle(Status.PERMANENT, reason, "5.7.30")
+    progress.settle(Status.PERMANENT, reason, Cause.TLS, "5.7.30")
     return []

@@ -25,6 +25,18 @@ class Status(enum.StrEnum):
     PERMANENT = "permanent"
 
 
+class Cause(enum.StrEnum):
+    """Why a recipient was not delivered, in the classes an operator watches (the
+    ``tls_relay_deferrals_total`` metric).  Listed most telling first: when several
+    MX hosts failed differently, the first class present names the attempt."""
+
+    TLS = "tls"  # TLS or a published policy (MTA-STS, DANE, REQUIRETLS) not met
+    REMOTE = "remote"  # the MX replied 4xx/5xx
+    CONNECTION = "connection"  # no answer, refused, dropped, too slow
+    DNS = "dns"  # MX, address or DNSSEC lookups
+    LOCAL = "local"  # ours: no outcome, spool trouble
+
+
 @dataclass(frozen=True)
 class Decision:
     status: Status
@@ -57,6 +69,7 @@ class Outcome:
     evidence: Evidence | None = None  # set when an MX session carried the attempt
     status_code: str | None = None  # RFC 3463 code decided here (no MX reply), e.g. 5.7.30
     next_hop_dsn: bool = False  # the MX offered DSN: NOTIFY went on with the recipient
+    cause: Cause | None = None  # set when not delivered
 
 
 def reply_text(code: int, message: str, target: Target) -> str:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 
 from relay.config import TlsLevel
-from relay.delivery.outcome import Evidence, Outcome, Status
+from relay.delivery.outcome import Cause, Evidence, Outcome, Status
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.transaction import TxResult
 from relay.log import event
@@ -40,6 +40,7 @@ class Progress:
         self.recipients = list(recipients)
         self.outcomes: list[Outcome | None] = [None] * len(self.recipients)
         self.reasons: list[str] = []
+        self.causes: set[Cause] = set()  # the classes of those reasons
         self.trace = Trace()
         self.target: Target | None = None  # the address being tried, for the deadline's log
         self.sts: StsState | None = None  # the domain's MTA-STS state, when it applies
@@ -50,6 +51,15 @@ class Progress:
         self.requiretls_failures = 0  # hosts that failed REQUIRETLS's conditions
         self.other_failures = 0  # hosts that failed otherwise (connect, greeting, ...)
         self.counted = False  # sessions go into the TLS reports (relay.tlsrpt)
+
+    def fail(self, reason: str, cause: Cause) -> None:
+        """One more thing that went wrong on this attempt."""
+        self.reasons.append(reason)
+        self.causes.add(cause)
+
+    def cause(self) -> Cause:
+        """The most telling class among the causes seen (relay.delivery.outcome.Cause)."""
+        return next((c for c in Cause if c in self.causes), Cause.LOCAL)
 
     def pending(self) -> list[int]:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]
@@ -87,26 +97,30 @@ class Progress:
                 decision.reply,
                 evidence,
                 next_hop_dsn=result.dsn,
+                cause=None if decision.status is Status.DELIVERED else Cause.REMOTE,
             )
             groups.setdefault((decision.status, decision.reason), []).append(i)
         if result.session_error is not None:
-            self.reasons.append(result.session_error)
+            self.fail(result.session_error, Cause.CONNECTION)
             groups[(Status.TRANSIENT, result.session_error)] = self.pending()
         return groups
 
-    def settle(self, status: Status, reason: str, code: str | None = None) -> None:
+    def settle(self, status: Status, reason: str, cause: Cause, code: str | None = None) -> None:
         """Decide every recipient still pending with *status* (no session was made:
         DNS, a policy), and log it once."""
         pending = self.pending()
         for i in pending:
-            self.outcomes[i] = Outcome(self.recipients[i][0], status, reason, status_code=code)
+            self.outcomes[i] = Outcome(
+                self.recipients[i][0], status, reason, status_code=code, cause=cause
+            )
         log_attempt(self, pending, status, reason)
 
     def finish(self, status: Status, reason: str, code: str | None = None) -> list[Outcome]:
         """Fill every undecided recipient with *status* (and RFC 3463 *code*); the final
         list, in order."""
+        cause = self.cause()
         return [
-            out if out is not None else Outcome(addr, status, reason, status_code=code)
+            out if out is not None else Outcome(addr, status, reason, status_code=code, cause=cause)
             for out, (addr, _) in zip(self.outcomes, self.recipients, strict=True)
         ]
 

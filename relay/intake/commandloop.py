@@ -240,6 +240,10 @@ class CommandLoop(SMTP):
         if ssl_object is not None:
             cipher = ssl_object.cipher()
             self._tls = (str(ssl_object.version()), str(cipher[0]), int(cipher[2]))
+            self._tls_started(self._tls[0], self._tls[1])
+
+    def _tls_started(self, version: str, cipher: str) -> None:
+        """The session is now inside TLS (a hook: the session counts it)."""
 
     def _log_tls(self) -> dict[str, Any]:
         version, cipher, _ = self._tls or (None, None, None)

@@ -27,13 +27,8 @@ from relay.errors import RelayError, SpoolError, SpoolFullError
 from relay.intake import message, replies
 from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate, client_address
-from relay.intake.session import (
-    IntakeEnvelope,
-    Phase,
-    RelaySMTP,
-    SessionSettings,
-    log_handshake_failure,
-)
+from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP
+from relay.intake.settings import SessionSettings, log_handshake_failure
 from relay.log import event
 from relay.metrics import Metrics
 from relay.queue.envelope import QueueEnvelope, Recipient
@@ -72,10 +67,10 @@ class Intake:
         refusal = message.check_data(content)
         if refusal is not None:
             event(log, "message_rejected", client=server.client_info().ip, reason="bare CR/LF/NUL")
-            self._metrics.rejected.inc(reason="bad_data")
+            self._metrics.rejected.labels(reason="bad_data").inc()
             return str(refusal)
         if server.shutdown_requested:
-            self._metrics.rejected.inc(reason="shutdown")
+            self._metrics.rejected.labels(reason="shutdown").inc()
             return str(replies.SHUTTING_DOWN)
         server.phase = Phase.STORING
         spooled, data = self._build(server, envelope, content)
@@ -83,11 +78,11 @@ class Intake:
             await self._store(spooled, data)
         except SpoolFullError as exc:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
-            self._metrics.rejected.inc(reason="spool_full")
+            self._metrics.rejected.labels(reason="spool_full").inc()
             return str(replies.SPOOL_FULL)
         except SpoolError as exc:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
-            self._metrics.rejected.inc(reason="spool_error")
+            self._metrics.rejected.labels(reason="spool_error").inc()
             return str(replies.SPOOL_FAILED)
         server.messages += 1
         self._metrics.accepted.inc()

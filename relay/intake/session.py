@@ -25,23 +25,19 @@ import asyncio
 import enum
 import ipaddress
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from relay.config import Limits
 from relay.intake import addresses, auth, datareader, replies
-from relay.intake.auth import AuthExchange, PasswordChecker
+from relay.intake.auth import AuthExchange
 from relay.intake.commandloop import CommandLoop
-from relay.intake.gate import Gate, IPAddress, client_address
+from relay.intake.gate import IPAddress, client_address
 from relay.intake.replies import Reply
-from relay.log import Throttle, event
-from relay.metrics import Metrics
+from relay.intake.settings import SessionSettings, log_handshake_failure
+from relay.log import event
 from relay.queue.envelope import ClientInfo
-from relay.tlspolicy.contexts import describe_handshake_error
 
 log = logging.getLogger("relay.listener")
 
@@ -58,44 +54,12 @@ class Phase(enum.Enum):
     STORING = "storing"  # data complete, spool write in progress: must not be interrupted
 
 
-@dataclass
-class SessionSettings:
-    """What every session of one listener shares."""
-
-    hostname: str
-    listener_name: str
-    implicit_tls: bool
-    ssl_context: ssl.SSLContext
-    limits: Limits
-    gate: Gate
-    passwords: PasswordChecker | None  # None: no users file, no AUTH
-    metrics: Metrics
-    handshake_log: Throttle = field(default_factory=Throttle)  # failed handshakes, per listener
-    sessions: set[RelaySMTP] = field(default_factory=set)
-
-
 class IntakeEnvelope(SmtpEnvelope):
     """aiosmtpd's envelope plus the parameters of each RCPT (it keeps one flat list)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rcpt_params: list[list[str]] = []
-
-
-def log_handshake_failure(settings: SessionSettings, client: str, error: BaseException) -> None:
-    """One line per failed client TLS handshake (STARTTLS or implicit), at most a burst
-    per minute per listener, so a scan cannot flood the log."""
-    held = settings.handshake_log.allow()
-    if held is not None:
-        event(
-            log,
-            "tls_handshake_failed",
-            logging.WARNING,
-            client=client,
-            listener=settings.listener_name,
-            error=describe_handshake_error(error),
-            suppressed=held or None,
-        )
 
 
 class RelaySMTP(CommandLoop):
@@ -140,10 +104,13 @@ class RelaySMTP(CommandLoop):
             return
         self._admitted = True
         self.settings.sessions.add(self)
-        self.settings.metrics.sessions.inc(listener=self.settings.listener_name)
+        self.settings.metrics.sessions.labels(listener=self.settings.listener_name).inc()
         super().connection_made(transport)
         self._note_tls(transport)
         event(log, "session_open", client=self.peer[0], port=self.peer[1], **self._log_tls())
+
+    def _tls_started(self, version: str, cipher: str) -> None:
+        self.settings.tls_started(version, cipher)
 
     def _handshake_failed(self, error: BaseException) -> None:
         """STARTTLS failed (the command loop then closes, which frees the slot): logged,

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from relay.audit.trail import AuditError, AuditTrail
 from relay.config import QueueConfig
-from relay.delivery.outcome import Outcome, Status
+from relay.delivery.outcome import Cause, Outcome, Status
 from relay.domains import Domain, domain_of
 from relay.errors import InvalidDomain, SpoolError
 from relay.log import event
@@ -211,6 +211,7 @@ class DeliveryPass:
                 self.to_bounce.append(rcpt)
                 return
             rcpt.state, rcpt.next_attempt = RcptState.DEFERRED, nxt
+            self.ctx.metrics.deferrals.labels(reason=str(o.cause or Cause.LOCAL)).inc()
         self._log_state(self.env, rcpt, outcome.mx_host)
 
     async def _finish(self) -> None:
@@ -281,7 +282,7 @@ class DeliveryPass:
 
     def _log_state(self, env: QueueEnvelope, rcpt: Recipient, mx: str | None) -> None:
         nxt = rcpt.next_attempt if rcpt.state is RcptState.DEFERRED else None
-        self.ctx.metrics.deliveries.inc(outcome=str(rcpt.state))  # delivered|deferred|bounced
+        self.ctx.metrics.deliveries.labels(outcome=str(rcpt.state)).inc()  # delivered|deferred|...
         if rcpt.state is RcptState.DELIVERED:
             return  # the deliverer's line (outcome=delivered, MX, TLS) is the record
         event(

@@ -122,6 +122,14 @@ class Scheduler:
         """Messages in queue/ that are scheduled or being worked on (held ones are not)."""
         return len(self._due.keys() | self._active.keys())
 
+    def oldest_age(self) -> float:
+        """Seconds since the oldest message scheduled here arrived (queue ids start
+        with the arrival time, relay.queue.spool.Spool.new_id); 0 when none is."""
+        oldest = min(min(self._due, default="~"), min(self._active, default="~"))
+        if oldest == "~":
+            return 0.0
+        return max(0.0, self.clock() - int(oldest[:13], 16) / 1_000_000)
+
     @property
     def busy(self) -> bool:
         """True while any message is being worked on."""

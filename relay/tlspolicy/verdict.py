@@ -276,6 +276,12 @@ CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
 VALIDATION_FAILURE = "validation-failure"
 TLSA_INVALID = "tlsa-invalid"
 DANE_REQUIRED = "dane-required"
+# The result types that say the server could not be authenticated: for REQUIRETLS a
+# reason to return the message; anything else (a 454, a reset) may pass later.
+AUTHENTICATION = frozenset(
+    {CERTIFICATE_HOST_MISMATCH, CERTIFICATE_EXPIRED, CERTIFICATE_NOT_TRUSTED}
+    | {TLSA_INVALID, DANE_REQUIRED}
+)
 
 
 def _handshake_result_type(error: str) -> str:
