@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# checkov checks deploy/kubernetes in the tests (tests/test_deploy.py).  Its own venv: it
+# pins many libraries (a fresh install takes about half a minute) that must not decide ours.
+CHECKOV_VENV  := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_STAMP): tests/requirements-checkov.txt
+	$(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q -r tests/requirements-checkov.txt
+	touch $(CHECKOV_STAMP)
+
 # Debian packages for the real-peer tests: Postfix as the receiving MX; swaks, msmtp and
 # curl as clients;
 # the DNSSEC lab for DANE tests (nsd + validating unbound over zones signed with ldnsutils),
@@ -34,7 +45,7 @@ var/certs/cert.pem: | $(STAMP)
 run: $(STAMP) var/certs/cert.pem
 	$(BIN)/tls-relay serve -c $(CONFIG)
 
-test: $(STAMP) deps
+test: $(STAMP) $(CHECKOV_STAMP) deps $(EXIM_STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=25
 
 # `make check` is what CI runs (.ci/run): lint and types, then the tests.
@@ -49,4 +60,4 @@ bench: $(STAMP) deps
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) var .pytest_cache .mypy_cache
