@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, cast
@@ -24,7 +26,8 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import BOGUS_LIMIT, SMTP, TLSSetupException
 
 from relay.config import Limits
-from relay.intake import replies
+from relay.intake import hello, replies
+from relay.intake.hello import HelloGate
 from relay.intake.replies import Reply
 from relay.log import event
 
@@ -60,6 +63,7 @@ class CommandLoop(SMTP):
         hostname: str,
         limits: Limits,
         starttls_context: ssl.SSLContext | None,
+        hello_gate: HelloGate | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -73,6 +77,7 @@ class CommandLoop(SMTP):
             timeout=limits.command_timeout,
             loop=asyncio.get_running_loop(),
         )
+        self.hello_gate = hello_gate  # STARTTLS: ClientHellos that cannot succeed get an alert
         self.command_size_limits = {"MAIL": MAIL_LINE}  # others: COMMAND_LINE
         self.commands = 0  # every line read as a command, known or not
         self._max_commands = limits.max_commands
@@ -255,6 +260,28 @@ class CommandLoop(SMTP):
     def tls_info(self) -> tuple[str, str, int] | None:
         return self._tls
 
+    async def _hello_refused(self, plain: asyncio.Transport, timeout: float) -> bool:
+        """Whether the client's ClientHello was refused with an alert (relay.intake.hello);
+        then, or when none came in time, the session is closed."""
+        assert self.hello_gate is not None
+        fd = plain.get_extra_info("socket").fileno()
+        sock = socket.socket(fileno=os.dup(fd))  # the transport's own fd is not ours to poll
+        try:
+            async with asyncio.timeout(timeout):
+                refusal = await hello.screen(sock, self.hello_gate)
+        except TimeoutError as error:
+            self._handshake_failed(error)
+            self._abort()
+            return True
+        finally:
+            sock.close()
+        if refusal is None:
+            return False
+        plain.write(refusal.alert)
+        self._handshake_failed(hello.HelloRefused(refusal.reason))
+        self._abort()  # close() sends what is written first
+        return True
+
     # -- STARTTLS (RFC 3207) -------------------------------------------------------------
     async def _start_tls(self, handshake_timeout: float) -> asyncio.BaseTransport | None:
         """RFC 3207 on the event loop's own TLS transport (``loop.start_tls``).
@@ -266,9 +293,12 @@ class CommandLoop(SMTP):
         one step, with no await in between, so no plaintext byte can slip through.
         The TLS transport, or None when the handshake failed (the session is closed).
         """
-        await self.push("220 2.0.0 Ready to start TLS")
-        plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's is not a subclass
+        plain = cast(asyncio.Transport, self.transport)  # uvloop's is not a subclass
         assert plain is not None and self.tls_context is not None
+        plain.pause_reading()  # the ClientHello stays in the socket, for the gate and TLS
+        await self.push("220 2.0.0 Ready to start TLS")
+        if self.hello_gate is not None and await self._hello_refused(plain, handshake_timeout):
+            return None
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
             tls = await self.loop.start_tls(

@@ -24,9 +24,10 @@ from typing import Any
 
 from relay import config
 from relay.errors import RelayError, SpoolError, SpoolFullError
-from relay.intake import message, replies
+from relay.intake import hello, message, replies
 from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate, client_address
+from relay.intake.hello import HelloGate, HelloRefused
 from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP
 from relay.intake.settings import SessionSettings, log_handshake_failure
 from relay.log import event
@@ -182,6 +183,7 @@ class Listener:
             gate=gate,
             passwords=passwords,
             metrics=metrics,
+            hello_gate=HelloGate(ssl_context),
         )
         self._server: asyncio.Server | None = None  # STARTTLS listeners
         self._listening: socket.socket | None = None  # implicit-TLS listeners: own accept loop
@@ -193,6 +195,7 @@ class Listener:
         """SIGHUP: new connections get *ssl_context* and check *passwords*; sessions
         already established keep what they started with."""
         self._settings.ssl_context = ssl_context
+        self._settings.hello_gate = HelloGate(ssl_context)
         self._settings.passwords = passwords
 
     @property
@@ -260,9 +263,18 @@ class Listener:
             made.append(RelaySMTP(self._intake, self._settings, preadmitted=True))
             return made[-1]
 
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                session, conn, ssl=self._settings.ssl_context, ssl_handshake_timeout=timeout
+            started = loop.time()
+            async with asyncio.timeout(timeout):  # the ClientHello, looked at first
+                refusal = await hello.screen(conn, self._settings.hello_gate)
+            if refusal is not None:  # the handshake cannot work: say so with an alert
+                with contextlib.suppress(OSError):
+                    conn.send(refusal.alert)
+                raise HelloRefused(refusal.reason)
+            left = max(timeout - (loop.time() - started), 0.1)
+            await loop.connect_accepted_socket(
+                session, conn, ssl=self._settings.ssl_context, ssl_handshake_timeout=left
             )
         except BaseException as error:
             # Once the session started it owns the slot (and frees it itself): a

@@ -73,6 +73,7 @@ class RelaySMTP(CommandLoop):
             hostname=settings.hostname,
             limits=settings.limits,
             starttls_context=None if settings.implicit_tls else settings.ssl_context,
+            hello_gate=None if settings.implicit_tls else settings.hello_gate,
         )
         self.settings = settings
         self._smtp_methods = {

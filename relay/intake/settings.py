@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from relay.config import Limits
 from relay.intake.auth import PasswordChecker
 from relay.intake.gate import Gate
+from relay.intake.hello import HelloGate
 from relay.log import Throttle, event
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import describe_handshake_error
@@ -38,6 +39,7 @@ class SessionSettings:
     gate: Gate
     passwords: PasswordChecker | None  # None: no users file, no AUTH
     metrics: Metrics
+    hello_gate: HelloGate  # follows ssl_context: ClientHellos it cannot agree to
     handshake_log: Throttle = field(default_factory=Throttle)  # failed handshakes, per listener
     sessions: set[RelaySMTP] = field(default_factory=set)
 
