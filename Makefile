@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= config/relay.yaml
 DEBS    := postfix swaks msmtp curl unbound nsd ldnsutils systemd
 
-.PHONY: run test check lint bench deps venv clean
+.PHONY: run test check lint bench deps exim venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,31 @@ deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "please install:$$missing (Debian packages)"; exit 1; fi; \
 	fi
+
+# Exim as the second receiving MX (tests/fixtures/exim.py).  Installing exim4 would remove
+# Postfix (one mail-transport-agent per system), so Debian's packages are unpacked into
+# var/exim/root, with any library they need that is not installed, and the system user
+# compiled into the binary is added.  Needs root, like `deps`; without root the Exim
+# tests skip (in CI, CI=true, they fail).
+EXIM_STAMP := var/exim/.unpacked
+EXIM_DEBS  := exim4-daemon-light exim4-base
+
+exim: $(EXIM_STAMP)
+
+$(EXIM_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make exim: needs root; the Exim tests will skip"; exit 0; fi; \
+	set -e; rm -rf var/exim; mkdir -p var/exim/debs; cd var/exim/debs; \
+	get() { apt-get download -qq -o APT::Sandbox::User=root "$$@" 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root "$$@"; }; }; \
+	get $(EXIM_DEBS); \
+	libs=$$(dpkg-deb -f exim4-daemon-light_*.deb Depends | tr ',' '\n' | sed -n 's/^ *\(lib[^ (|]*\).*/\1/p'); \
+	need=""; for l in $$libs; do dpkg -s $$l >/dev/null 2>&1 || need="$$need $$l"; done; \
+	if [ -n "$$need" ]; then echo "make exim: unpacking$$need too"; get $$need; fi; \
+	for deb in *.deb; do dpkg-deb -x $$deb ../root; done; \
+	chmod u-s ../root/usr/sbin/exim4; \
+	getent passwd Debian-exim >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin Debian-exim; \
+	touch ../.unpacked
 
 var/certs/cert.pem: | $(STAMP)
 	$(BIN)/tls-relay gen-cert --hostname localhost --out var/certs

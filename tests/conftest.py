@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.dnssec",  # dnssec_lab: nsd + validating unbound over a signed zone
     "tests.fixtures.intake",  # intake: in-process listeners on the product's TLS context
     "tests.fixtures.postfix",  # postfix_mx: Debian's Postfix as the receiving MX
+    "tests.fixtures.exim",  # exim_mx: Debian's Exim (`make exim`); after postfix, which it imports
     "tests.fixtures.relay_proc",  # relay: `tls-relay serve` as a subprocess
 ]
 

@@ -35,11 +35,16 @@ def to_7bit(data: bytes) -> bytes | None:
     try:
         msg = email.message_from_bytes(data, policy=_POLICY)
         changed = False
+        containers: list[Message] = []
         for part in msg.walk():
             if not part.is_multipart():
                 changed = _seven_bit(part) or changed
+            elif str(part.get("Content-Transfer-Encoding", "")).strip().lower() == "8bit":
+                containers.append(part)
         if not changed:
             return data  # declared 8BITMIME, but nothing 8-bit in it
+        for part in containers:  # RFC 2045 6.4: a multipart says what its parts now are
+            part.replace_header("Content-Transfer-Encoding", "7bit")
         if "MIME-Version" not in msg:
             msg["MIME-Version"] = "1.0"  # RFC 2045 4: the new encoding means something
         out = io.BytesIO()

@@ -146,12 +146,14 @@ async def transact(
     if needs_8bitmime(tx.mail_options, tx.data) and not smtp.supports_extension("8bitmime"):
         # RFC 6152 §3: convert to 7 bit for a server without 8BITMIME, as Postfix does.
         converted = to_7bit(tx.data)
-        if converted is None:
+        if converted is None:  # 8-bit headers (SMTPUTF8's business) or an unparsable structure
             result.reusable = True
-            why = (
-                f"destination lacks 8BITMIME and the message cannot be made 7-bit ({target.label})"
+            why = "8BITMIME and the message cannot be made 7-bit"
+            if needs_smtputf8(tx) and not smtp.supports_extension("smtputf8"):
+                why = "SMTPUTF8, which the message needs"  # name what really lacks
+            return _all(
+                result, count, Status.PERMANENT, f"destination lacks {why} ({target.label})"
             )
-            return _all(result, count, Status.PERMANENT, why)
         options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
         tx = dataclasses.replace(tx, mail_options=options, data=converted)
         result.converted = True
@@ -263,12 +265,8 @@ def _group(
     try:
         lines = [command(b"MAIL FROM:", tx.sender, opts, encoding)]
     except ValueError as exc:  # not encodable / control characters: no MX will take it
-        _all(
-            result,
-            len(tx.recipients),
-            Status.PERMANENT,
-            f"sender {tx.sender!r} cannot be sent: {exc}",
-        )
+        why = f"sender {tx.sender!r} cannot be sent: {exc}"
+        _all(result, len(tx.recipients), Status.PERMANENT, why)
         return None
     sent: list[int] = []
     for i, (address, options) in enumerate(tx.recipients):

@@ -262,7 +262,7 @@ def _recipient_fields(rcpt: Recipient, now: float, kind: DsnKind, until: float |
         addr_type, _, addr = orcpt.partition(";")
         lines.append(f"Original-Recipient: {addr_type}; {_clean(_xtext(addr))}")
     lines += [
-        f"Final-Recipient: rfc822; {rcpt.address}",
+        f"Final-Recipient: {_address_type(rcpt.address)}",
         f"Action: {kind}",
         f"Status: {status_code(rcpt, kind)}",
     ]
@@ -297,6 +297,19 @@ def _option(options: Iterable[str], key: str) -> str | None:
         if sep and name.upper() == key:
             return value
     return None
+
+
+def _address_type(address: str) -> str:
+    """RFC 3464 2.3.2 address-type; address.  A UTF-8 address (RFC 6531) is written as
+    RFC 6533 3's ``utf-8`` type in its ASCII form, ``\\x{HEX}`` per non-ASCII character
+    (and for "+", "=" and "\\"), so message/delivery-status stays 7-bit (RFC 3464 2.1) and
+    the DSN can be made 7-bit for a sender's MX without SMTPUTF8 or 8BITMIME."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in "+=\\" else f"\\x{{{ord(ch):02X}}}"
+        for ch in address
+    )
 
 
 def _xtext(text: str) -> str:

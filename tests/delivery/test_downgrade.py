@@ -59,3 +59,15 @@ def test_a_plain_message_gets_mime_version_with_its_new_encoding() -> None:
     msg = email.message_from_bytes(out)
     assert msg["MIME-Version"] == "1.0" and msg["Content-Transfer-Encoding"] == "quoted-printable"
     assert msg.get_payload(decode=True) == b"Caf\xc3\xa9\r\n"
+
+
+def test_a_multipart_labelled_8bit_says_7bit_once_its_parts_are() -> None:
+    """RFC 2045 6.4: a composite's encoding is its parts'; after the conversion a
+    multipart (or message/rfc822) still labelled 8bit would claim what is no longer there."""
+    labelled = MULTI.replace(
+        b'boundary="XX"\r\n', b'boundary="XX"\r\nContent-Transfer-Encoding: 8bit\r\n', 1
+    )
+    out = to_7bit(labelled)
+    assert out is not None and out.isascii()
+    assert email.message_from_bytes(out)["Content-Transfer-Encoding"] == "7bit"
+    assert [p[1] for p in parts(out)] == ["quoted-printable", "base64", None]

@@ -7,6 +7,7 @@ from email.message import Message
 
 import pytest
 
+from relay.delivery.downgrade import to_7bit
 from relay.queue import bounce
 from relay.queue.bounce import DsnKind
 from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, RcptState, Recipient
@@ -321,3 +322,22 @@ def test_relayed_notice_for_notify_success() -> None:
     assert msg["Subject"] == "Successful Mail Relay"
     (block,) = [b for b in status_blocks(msg) if b.get("Final-Recipient")]
     assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
+
+
+def test_dsn_for_a_utf8_recipient_can_be_made_7bit() -> None:
+    """Found by the MX matrix (issue 15): the DSN for a recipient with a UTF-8 address
+    (refused by a next hop without SMTPUTF8) went back to the sender's MX, which lacked
+    SMTPUTF8 and 8BITMIME too, and could not be made 7-bit - the sender never heard.
+    Now its message/delivery-status stays ASCII (RFC 3464 2.1) with RFC 6533's utf-8
+    address type, and the text parts are converted as any 8-bit text."""
+    failed = rcpt("j\u00fcrgen+x@x.test", PERM)
+    original = b"From: app@corp.test\r\nTo: j\xc3\xbcrgen+x@x.test\r\n\r\nhi\r\n"
+    e = env(failed, options=["SMTPUTF8"])
+    _, blob = bounce.dsn_message(e, [failed], "h.test", T0, original, DsnKind.FAILED, "N7")
+    (block,) = status_blocks(parse(blob))[1:]
+    assert block["Final-Recipient"] == "utf-8; j\\x{FC}rgen\\x{2B}x@x.test"
+    seven = to_7bit(blob)
+    assert seven is not None and seven.isascii()
+    text = parse(seven).get_payload()[0].get_payload(decode=True).decode()
+    assert "<j\u00fcrgen+x@x.test>" in text
+    assert status_blocks(parse(seven))[1]["Final-Recipient"] == block["Final-Recipient"]
