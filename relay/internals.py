@@ -77,7 +77,6 @@ BORROWED: dict[str, tuple[Borrowed, ...]] = {
         # relay/intake/commandloop.py (STARTTLS on the loop's own TLS), session.py (EHLO, DATA).
         Borrowed(_SMTP, "_set_rset_state", False, "forget the transaction (EHLO, STARTTLS)"),
         Borrowed(_SMTP, "_set_post_data_state", False, "end the transaction after DATA"),
-        Borrowed(_SMTP, "_call_handler_hook", False, "hand a finished DATA to the handler"),
         Borrowed(_SMTP, "_create_session", False, "a new session after STARTTLS"),
         Borrowed(_SMTP, "_create_envelope", False, "the envelope with RCPT parameters"),
         Borrowed(_SMTP, "_original_transport", True, "closed by aiosmtpd after STARTTLS"),

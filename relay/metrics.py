@@ -107,7 +107,8 @@ class Metrics:
         )
         self.rejected = counter(
             "tls_relay_messages_rejected_total",
-            "Messages refused after DATA (bad_data, spool_full, spool_error, shutdown).",
+            "Messages refused after DATA (bad_data, header_too_large, spool_full, "
+            "spool_error, shutdown).",
             ("reason",),
         )
         self.deliveries = counter(

@@ -2,7 +2,7 @@
 
 Role: aiosmtplib's ``SMTP.data()`` normalises line endings and dot-stuffs with
 two regular expressions over the whole message (about 0.2 s of CPU for 10 MiB
-in the benchmark).  Intake already guarantees CRLF-only data (message.check_data
+in the benchmark).  Intake already guarantees CRLF-only data (relay.intake.datareader
 refuses bare CR/LF), so here transparency (RFC 5321 §4.5.2) is one
 ``bytes.replace``.  The command/reply sequence is aiosmtplib's own, including
 marking a reply as expected before each write (its STARTTLS response-injection

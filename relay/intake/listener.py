@@ -19,15 +19,17 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from relay import config
 from relay.errors import RelayError, SpoolError, SpoolFullError
 from relay.intake import hello, message, replies
 from relay.intake.auth import PasswordChecker
+from relay.intake.datareader import DataProblem
 from relay.intake.gate import Gate, client_address
 from relay.intake.hello import HelloGate, HelloRefused
+from relay.intake.reception import Reception
 from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP
 from relay.intake.settings import SessionSettings, log_handshake_failure
 from relay.log import event
@@ -63,37 +65,9 @@ class Intake:
         log.error("session error: %r", error, exc_info=error)
         return str(replies.INTERNAL_ERROR)
 
-    async def handle_DATA(self, server: RelaySMTP, session: Any, envelope: IntakeEnvelope) -> str:
-        content = bytes(envelope.original_content or b"")
-        refusal = message.check_data(content)
-        if refusal is not None:
-            event(log, "message_rejected", client=server.client_info().ip, reason="bare CR/LF/NUL")
-            self._metrics.rejected.labels(reason="bad_data").inc()
-            return str(refusal)
-        if server.shutdown_requested:
-            self._metrics.rejected.labels(reason="shutdown").inc()
-            return str(replies.SHUTTING_DOWN)
-        server.phase = Phase.STORING
-        spooled, data = self._build(server, envelope, content)
-        try:
-            await self._store(spooled, data)
-        except SpoolFullError as exc:
-            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
-            self._metrics.rejected.labels(reason="spool_full").inc()
-            return str(replies.SPOOL_FULL)
-        except SpoolError as exc:
-            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
-            self._metrics.rejected.labels(reason="spool_error").inc()
-            return str(replies.SPOOL_FAILED)
-        server.messages += 1
-        self._metrics.accepted.inc()
-        return f"250 2.0.0 Ok: queued as {spooled.id}"
-
-    def _build(
-        self, server: RelaySMTP, envelope: IntakeEnvelope, content: bytes
-    ) -> tuple[QueueEnvelope, bytes]:
+    def begin(self, server: RelaySMTP, envelope: IntakeEnvelope) -> Reception:
+        """DATA is about to be read: the message gets its queue id and Received field."""
         qid = self._spool.new_id()
-        now = self._spool.clock()
         client = server.client_info()
         tls = server.tls_info()
         info = message.ReceivedInfo(
@@ -106,28 +80,78 @@ class Intake:
             tls_bits=tls[2] if tls else None,
             authenticated=client.user is not None,
             recipients=tuple(envelope.rcpt_tos),
-            now=now,
+            now=self._spool.clock(),
         )
-        data = message.prepare(content, info)
+        return Reception(self._spool, qid, info)
+
+    async def handle(
+        self, server: RelaySMTP, envelope: IntakeEnvelope, got: Reception, problem: DataProblem
+    ) -> str:
+        """The data ended: the reply, after the message is durable (or why not)."""
+        refusal = self._refusal(server, got, problem)
+        if refusal is not None:
+            got.abort()
+            return refusal
+        server.phase = Phase.STORING
+        spooled = self._envelope(server, envelope, got)
+        try:
+            await got.finish()
+            spooled.size = got.size
+            data = got.data()
+            await self._store(spooled, data if data is not None else got.commit(spooled))
+        except SpoolFullError as exc:
+            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            self._metrics.rejected.labels(reason="spool_full").inc()
+            return str(replies.SPOOL_FULL)
+        except SpoolError as exc:
+            event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
+            self._metrics.rejected.labels(reason="spool_error").inc()
+            return str(replies.SPOOL_FAILED)
+        finally:
+            got.abort()  # a no-op once stored
+        server.messages += 1
+        self._metrics.accepted.inc()
+        return f"250 2.0.0 Ok: queued as {spooled.id}"
+
+    def _refusal(self, server: RelaySMTP, got: Reception, problem: DataProblem) -> str | None:
+        if problem is DataProblem.BARE_NEWLINE:
+            event(log, "message_rejected", client=server.client_info().ip, reason="bare CR/LF/NUL")
+            self._metrics.rejected.labels(reason="bad_data").inc()
+            return str(replies.BARE_NEWLINE)
+        if got.header_too_large:
+            event(log, "message_rejected", client=server.client_info().ip, reason="header size")
+            self._metrics.rejected.labels(reason="header_too_large").inc()
+            return str(replies.HEADER_TOO_LARGE)
+        if server.shutdown_requested:
+            self._metrics.rejected.labels(reason="shutdown").inc()
+            return str(replies.SHUTTING_DOWN)
+        return None
+
+    def _envelope(
+        self, server: RelaySMTP, envelope: IntakeEnvelope, got: Reception
+    ) -> QueueEnvelope:
         recipients = [
             Recipient(address=addr, options=list(opts))
             for addr, opts in zip(envelope.rcpt_tos, envelope.rcpt_params, strict=True)
         ]
-        spooled = QueueEnvelope(
-            id=qid,
-            created=now,
+        return QueueEnvelope(
+            id=got.qid,
+            created=got.info.now,
             sender=envelope.mail_from or "",
             recipients=recipients,
             mail_options=list(envelope.mail_options),
-            client=client,
-            size=len(data),
+            client=server.client_info(),
+            size=got.size,
         )
-        return spooled, data
 
-    async def _store(self, spooled: QueueEnvelope, data: bytes) -> None:
-        # Shielded: once the write started it finishes even if the client disconnects,
-        # and a message that reached the disk is always announced to the scheduler.
-        task = self._spool.store_soon(spooled, data)
+    async def _store(self, spooled: QueueEnvelope, data: bytes | Coroutine[Any, Any, None]) -> None:
+        """*data* in memory (one write), or the commit of the file it was streamed to.
+        Shielded: once the write started it finishes even if the client disconnects,
+        and a message that reached the disk is always announced to the scheduler."""
+        if isinstance(data, bytes):
+            task = self._spool.store_soon(spooled, data)
+        else:
+            task = asyncio.ensure_future(data)
         self.storing.add(task)
         task.add_done_callback(lambda done: self._stored(done, spooled))
         await asyncio.shield(task)

@@ -71,5 +71,6 @@ SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message 
 # Bare CR / bare LF / NUL: the same stance as Postfix's smtpd_forbid_bare_newline=reject.
 BARE_NEWLINE = Reply(550, "5.6.0", "Bare CR, bare LF or NUL in message data; use CRLF line endings")
 TOO_MUCH_DATA = Reply(552, "5.3.4", "Message too big for system")
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header block exceeds 1 MiB")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
 SPOOL_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -353,20 +353,28 @@ class RelaySMTP(CommandLoop):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reception = self.event_handler.begin(self, self.envelope)
         try:
             limit = self.settings.limits.max_message_size
-            scanner = await datareader.read_data(self._reader, limit)
-        except (asyncio.CancelledError, asyncio.IncompleteReadError):
-            self._writer.close()  # the connection went away mid-DATA: keep nothing
+            scanner = await datareader.read_data(self._reader, limit, reception.feed)
+        except BaseException as exc:
+            reception.abort()  # nothing of it stays
+            if isinstance(exc, (asyncio.CancelledError, asyncio.IncompleteReadError)):
+                self._writer.close()  # the connection went away mid-DATA
             raise
-        if scanner.problem is datareader.DataProblem.TOO_BIG:
-            await self.push("552 Error: Too much mail data")
-        elif scanner.problem is datareader.DataProblem.LINE_TOO_LONG:
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-        if scanner.content is None:
+        if scanner.problem in (
+            datareader.DataProblem.TOO_BIG,
+            datareader.DataProblem.LINE_TOO_LONG,
+        ):
+            reception.abort()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
+            too_big = scanner.problem is datareader.DataProblem.TOO_BIG
+            await self.push(
+                "552 Error: Too much mail data"
+                if too_big
+                else "500 Line too long (see RFC5321 4.5.3.1.6)"
+            )
             return
-        self.envelope.content = self.envelope.original_content = scanner.content
-        status = await self._call_handler_hook("DATA")
+        status = await self.event_handler.handle(self, self.envelope, reception, scanner.problem)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)

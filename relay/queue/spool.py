@@ -36,17 +36,17 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
-from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError, SpoolFullError
+from relay.errors import MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
+from relay.queue import msgfile
 from relay.queue.envelope import QueueEnvelope
 from relay.queue.fresh import FreshMessages, Stamp
+from relay.queue.incoming import Incoming
 from relay.safeio import Committer, atomic_write, fsync_dir, temp_name, write_all
 
 log = logging.getLogger("relay.spool")
 
-MAGIC = b"TLS-RELAY-MESSAGE 1 "  # + envelope length, LF; then envelope, then data
 LOOP_WRITE_MAX = 256 * 1024  # store_soon: bigger messages are written by a worker thread
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
@@ -163,7 +163,7 @@ class Spool:
     # -- writes -----------------------------------------------------------------
     def store(self, envelope: QueueEnvelope, data: bytes | Iterable[bytes]) -> None:
         """Make a new message durable: one file, header + envelope + data."""
-        head = _head(envelope)
+        head = msgfile.head_v1(envelope)
         chunks = [head, data] if isinstance(data, bytes) else itertools.chain([head], data)
         path = self._mpath(envelope.id)
         durable_write(path, chunks, replace=False)  # a queue id collision must not overwrite
@@ -198,7 +198,7 @@ class Spool:
         if len(data) > LOOP_WRITE_MAX:
             return asyncio.ensure_future(asyncio.to_thread(self.store, envelope, data))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        head = _head(envelope)
+        head = msgfile.head_v1(envelope)
         target = self._mpath(envelope.id)
         tmp = temp_name(target)
         try:
@@ -233,6 +233,14 @@ class Spool:
 
         commit.add_done_callback(finish)
         return done
+
+    def receive(self, qid: str) -> Incoming:
+        """A message file for *qid* written as its data arrives (relay.queue.incoming);
+        SpoolError (SpoolFullError) when it cannot even be started."""
+        try:
+            return Incoming(self._mpath(qid), self._committer, _spool_error)
+        except OSError as exc:  # the temp file could not be created
+            raise _spool_error(self._mpath(qid), exc) from exc
 
     def update(self, envelope: QueueEnvelope) -> None:
         """Durably replace the envelope (the message file itself never changes)."""
@@ -274,7 +282,7 @@ class Spool:
         except FileNotFoundError:
             try:
                 with path.open("rb") as fh:
-                    blob = _read_head(fh, qid)
+                    blob = msgfile.read_layout(fh, qid).envelope
             except FileNotFoundError as exc:
                 raise MessageNotFound(f"no such message: {qid}") from exc
         return QueueEnvelope.from_json(blob, held=held)
@@ -283,8 +291,7 @@ class Spool:
         path, _ = self._find(qid)
         try:
             with path.open("rb") as fh:
-                _read_head(fh, qid)
-                return fh.read()
+                return msgfile.read_data(fh, msgfile.read_layout(fh, qid))
         except FileNotFoundError as exc:
             raise MessageNotFound(f"no such message: {qid}") from exc
 
@@ -364,27 +371,6 @@ class Spool:
                 except OSError:
                     continue
         return reached
-
-
-def _head(envelope: QueueEnvelope) -> bytes:
-    """A message file's header line and envelope; the data follows (_read_head)."""
-    blob = envelope.to_json()
-    return b"%s%d\n%s" % (MAGIC, len(blob), blob)
-
-
-def _read_head(fh: BinaryIO, qid: str) -> bytes:
-    """Read a message file's header line and envelope; *fh* is left at the data."""
-    line = fh.readline(64)
-    if not line.startswith(MAGIC) or not line.endswith(b"\n"):
-        raise CorruptMessage(f"message {qid} has no spool header")
-    try:
-        length = int(line[len(MAGIC) : -1])
-    except ValueError as exc:
-        raise CorruptMessage(f"message {qid} has a bad spool header") from exc
-    blob = fh.read(length)
-    if len(blob) != length:
-        raise CorruptMessage(f"message {qid} is truncated")
-    return blob
 
 
 def _stamp(st: os.stat_result) -> Stamp:

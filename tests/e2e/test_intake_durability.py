@@ -101,13 +101,18 @@ def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.parametrize(
+    ("disk", "lines"),
+    [("64k", 100), ("1m", 3000)],  # kept in memory, one write; streamed while it arrives
+    ids=["one write", "streamed"],
+)
 def test_message_bigger_than_the_disk_is_452_and_leaves_nothing(
-    relay: RelayFactory,
+    relay: RelayFactory, disk: str, lines: int
 ) -> None:
-    proc = relay(start=False)
-    with tiny_tmpfs(proc.spool_dir / "queue"):
+    proc = relay(start=False, limits={"max_message_size": 64 * 1024 * 1024})
+    with tiny_tmpfs(proc.spool_dir / "queue", size=disk):
         proc.start()
-        big = b"Subject: too big for the disk\r\n\r\n" + (b"x" * 998 + b"\r\n") * 100
+        big = b"Subject: too big for the disk\r\n\r\n" + (b"x" * 998 + b"\r\n") * lines
         with smtplib.SMTP(HOST, proc.starttls_port, timeout=15) as client:
             client.starttls(context=proc.client_context())
             client.ehlo("app.test")
