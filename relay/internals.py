@@ -86,6 +86,7 @@ BORROWED: dict[str, tuple[Borrowed, ...]] = {
         # relay/delivery/wiredata.py: DATA without aiosmtplib's regex pass, pipelining.
         Borrowed(_PROTO, "_command_lock", True, "held while sending DATA or a pipelined group"),
         Borrowed(_PROTO, "_response_pending", True, "its STARTTLS response-injection guard"),
+        Borrowed(_PROTO, "_drain_helper", False, "waits for room while a message streams"),
     ),
     "python": (
         # relay/intake/commandloop.py and session.py.

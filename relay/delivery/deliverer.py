@@ -24,7 +24,8 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import replace
 
-from relay.config import DeliveryConfig, PolicyConfig, TlsLevel
+from relay.body import Body
+from relay.config import DeliveryConfig, PolicyConfig
 from relay.delivery.hostpolicy import targets
 from relay.delivery.mx import DnssecState, MxResolver, route_for
 from relay.delivery.outcome import Cause, Outcome, Status
@@ -42,7 +43,6 @@ from relay.delivery.slots import Slots
 from relay.delivery.transaction import Transaction, transact
 from relay.domains import Domain
 from relay.log import event
-from relay.mailformat import header_value
 from relay.metrics import Metrics
 from relay.tlspolicy.contexts import ClientContexts, ContextKey
 from relay.tlspolicy.dane import TlsaStatus
@@ -102,23 +102,16 @@ class Deliverer:
         mail_options: Sequence[str],
         domain: Domain,
         recipients: Sequence[tuple[str, Sequence[str]]],
-        data: bytes,
+        data: Body | bytes,
     ) -> list[Outcome]:
         """One Outcome per recipient, in order.  Never raises for network trouble."""
+        data = data if isinstance(data, Body) else Body.of(data)
         progress = Progress(queue_id, recipients)
         if not recipients:
             return []
         progress.counted = self._reports is not None and sender != self._report_sender
         progress.requiretls = any(o.upper() == "REQUIRETLS" for o in mail_options)
-        floor = self.policy.for_domain(domain)[0].level
-        if not progress.requiretls and self.policy.honor_tls_required_no and floor < TlsLevel.DANE:
-            # RFC 8689 4.2.2: the sender asks that MTA-STS and DANE failures be ignored;
-            # the configured level still applies (SPEC; so never for dane-only), and TLS
-            # is never given up.
-            relaxed = (header_value(data, "TLS-Required") or "").lower() == "no"
-            progress.relaxed = relaxed
-            if relaxed:
-                event(log, "tls_required_no", queue_id=queue_id, domain=domain)
+        progress.relax(self.policy, domain, data.head)
         async with self._slots.slot(domain):
             try:
                 # RFC 5321 §4.5.3.2 bounds each command; this bounds the whole call, so a
@@ -152,7 +145,7 @@ class Deliverer:
         domain: Domain,
         sender: str,
         mail_options: Sequence[str],
-        data: bytes,
+        data: Body,
     ) -> None:
         route = route_for(self.cfg.routes, domain)
         if route is None:
@@ -201,7 +194,7 @@ class Deliverer:
         target: Target,
         sender: str,
         mail_options: Sequence[str],
-        data: bytes,
+        data: Body,
     ) -> None:
         sts = progress.sts.policy if progress.sts is not None and not progress.relaxed else None
         tlsa = None if progress.relaxed else progress.tlsa.get(target.host)

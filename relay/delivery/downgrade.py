@@ -20,12 +20,14 @@ import io
 from collections.abc import Sequence
 from email.message import Message
 
+from relay.body import Body
+
 _POLICY = email.policy.compat32.clone(linesep="\r\n")
 
 
-def needs_8bitmime(mail_options: Sequence[str], data: bytes) -> bool:
+def needs_8bitmime(mail_options: Sequence[str], data: bytes | Body) -> bool:
     declared = any(o.upper() == "BODY=8BITMIME" for o in mail_options)
-    return declared or not data.isascii()
+    return declared or (data.eight_bit if isinstance(data, Body) else not data.isascii())
 
 
 def to_7bit(data: bytes) -> bytes | None:

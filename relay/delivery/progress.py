@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from relay.config import TlsLevel
+from relay.config import PolicyConfig, TlsLevel
 from relay.delivery.outcome import Cause, Evidence, Outcome, Status
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.transaction import TxResult
+from relay.domains import Domain
 from relay.log import event
+from relay.mailformat import header_value
 from relay.tlspolicy.dane import TlsaSet
 from relay.tlspolicy.ststore import StsState
 from relay.tlspolicy.verdict import Observed, Requirement, Verdict
@@ -60,6 +62,17 @@ class Progress:
     def cause(self) -> Cause:
         """The most telling class among the causes seen (relay.delivery.outcome.Cause)."""
         return next((c for c in Cause if c in self.causes), Cause.LOCAL)
+
+    def relax(self, policy: PolicyConfig, domain: Domain, head: bytes) -> None:
+        """RFC 8689 4.2.2: ``TLS-Required: No`` asks that MTA-STS and DANE failures be
+        ignored; honoured when configured and not REQUIRETLS, the configured level still
+        applies (SPEC; so never for dane-only), and TLS is never given up."""
+        floor = policy.for_domain(domain)[0].level
+        if self.requiretls or not policy.honor_tls_required_no or floor >= TlsLevel.DANE:
+            return
+        self.relaxed = (header_value(head, "TLS-Required") or "").lower() == "no"
+        if self.relaxed:
+            event(log, "tls_required_no", queue_id=self.queue_id, domain=domain)
 
     def pending(self) -> list[int]:
         return [i for i, outcome in enumerate(self.outcomes) if outcome is None]

@@ -12,6 +12,7 @@ Not: opening sessions (relay.delivery.session), choosing hosts or pooling
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
+from relay.body import Body
 from relay.config import DeliveryConfig
 from relay.delivery.downgrade import needs_8bitmime, to_7bit
 from relay.delivery.outcome import Decision, Status, decision_for, raw_reply, reply_text
+from relay.delivery.params import mail_options, needs_smtputf8, rcpt_options, size_problem
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.wiredata import command, pipelined, send_data
 
@@ -33,7 +36,11 @@ class Transaction:
     sender: str
     mail_options: Sequence[str]
     recipients: Sequence[tuple[str, Sequence[str]]]
-    data: bytes
+    data: Body
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, bytes):  # a message in memory, as tests give it
+            object.__setattr__(self, "data", Body.of(self.data))
 
 
 @dataclass
@@ -51,70 +58,6 @@ class TxResult:
     stale: bool = False
     converted: bool = False  # the data went as 7 bit (RFC 6152 §3): said in the log line
     dsn: bool = False  # the server offered DSN: NOTIFY/ORCPT went with the recipients
-
-
-def _keyword(option: str) -> tuple[str, str]:
-    key, _, value = option.partition("=")
-    return key.upper(), value
-
-
-def _mail_options(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> list[str] | str:
-    """MAIL FROM parameters this MX may receive, or why the message cannot go there."""
-    opts: list[str] = []
-    for option in tx.mail_options:
-        key, value = _keyword(option)
-        if key == "SMTPUTF8":
-            if smtp.supports_extension("smtputf8"):
-                opts.append("SMTPUTF8")
-            elif needs_smtputf8(tx):
-                # RFC 6531 §3.4: UTF-8 addresses or headers must not go to a server without it.
-                return f"destination lacks SMTPUTF8, which the message needs ({target.label})"
-            # else: declared but not needed (all ASCII): sent without it, as Postfix does.
-        elif key == "BODY" and value.upper() == "8BITMIME":
-            # RFC 6152 §3: 8-bit data only to a server that advertises 8BITMIME (transact
-            # converts the message to 7 bit, without this option, for one that does not).
-            if not smtp.supports_extension("8bitmime"):
-                return f"destination lacks 8BITMIME, which the message needs ({target.label})"
-            opts.append("BODY=8BITMIME")
-        elif key == "REQUIRETLS":
-            # RFC 8689 4.2.1: only to a server that offers it (delivery checks first).
-            if not smtp.supports_extension("requiretls"):
-                return f"destination lacks REQUIRETLS, which the message requires ({target.label})"
-            opts.append("REQUIRETLS")
-        elif key == "BODY" and value.upper() == "BINARYMIME":
-            return "BODY=BINARYMIME needs BDAT (RFC 3030), which this relay does not send"
-        elif key in ("RET", "ENVID") and smtp.supports_extension("dsn"):
-            opts.append(option)  # RFC 3461 §4; dropped for a non-DSN server (§5.2.1)
-        # SIZE is recomputed below; anything else is not ours to pass on.
-    if smtp.supports_extension("size"):
-        opts.insert(0, f"SIZE={len(tx.data)}")  # RFC 1870 §6
-    return opts
-
-
-def needs_smtputf8(tx: Transaction) -> bool:
-    """Does the message really use RFC 6531/6532: a non-ASCII address in the envelope or
-    non-ASCII text in its header section?  (8-bit body text is 8BITMIME's business.)"""
-    if not tx.sender.isascii() or any(not r.isascii() for r, _ in tx.recipients):
-        return True
-    end = tx.data.find(b"\r\n\r\n")
-    head = tx.data[: end if end >= 0 else len(tx.data)]
-    return not head.isascii()
-
-
-def _size_problem(tx: Transaction, smtp: aiosmtplib.SMTP, target: Target) -> str | None:
-    """RFC 1870 §4: respect the SIZE the MX advertises (0 or absent: no stated limit)."""
-    advertised = smtp.esmtp_extensions.get("size", "").strip()
-    limit = int(advertised) if advertised.isdigit() else 0
-    if limit and len(tx.data) > limit:
-        return f"message size {len(tx.data)} exceeds the limit of {limit} bytes of {target.label}"
-    return None
-
-
-def _rcpt_options(options: Sequence[str], smtp: aiosmtplib.SMTP) -> list[str]:
-    """RFC 3461 §4.1/§4.2 NOTIFY and ORCPT, only to a DSN server (§5.2.1)."""
-    if not smtp.supports_extension("dsn"):
-        return []
-    return [opt for opt in options if _keyword(opt)[0] in ("NOTIFY", "ORCPT")]
 
 
 def _all(
@@ -144,8 +87,9 @@ async def transact(
         result.session_error = f"refusing MAIL to {target.label}: the session is not TLS"
         return result
     if needs_8bitmime(tx.mail_options, tx.data) and not smtp.supports_extension("8bitmime"):
-        # RFC 6152 §3: convert to 7 bit for a server without 8BITMIME, as Postfix does.
-        converted = to_7bit(tx.data)
+        # RFC 6152 §3: convert to 7 bit for a server without 8BITMIME, as Postfix does
+        # (the one step that needs the whole message in memory; in a worker thread).
+        converted = await asyncio.to_thread(lambda: to_7bit(tx.data.whole()))
         if converted is None:  # 8-bit headers (SMTPUTF8's business) or an unparsable structure
             result.reusable = True
             why = "8BITMIME and the message cannot be made 7-bit"
@@ -155,11 +99,11 @@ async def transact(
                 result, count, Status.PERMANENT, f"destination lacks {why} ({target.label})"
             )
         options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
-        tx = dataclasses.replace(tx, mail_options=options, data=converted)
+        tx = dataclasses.replace(tx, mail_options=options, data=Body.of(converted))
         result.converted = True
     result.dsn = smtp.supports_extension("dsn")
-    opts = _mail_options(tx, smtp, target)
-    problem = opts if isinstance(opts, str) else _size_problem(tx, smtp, target)
+    opts = mail_options(tx, smtp, target)
+    problem = opts if isinstance(opts, str) else size_problem(tx, smtp, target)
     if problem is not None or isinstance(opts, str):
         result.reusable = True  # nothing was sent
         return _all(result, count, Status.PERMANENT, problem or "unsendable")
@@ -271,7 +215,7 @@ def _group(
     sent: list[int] = []
     for i, (address, options) in enumerate(tx.recipients):
         try:
-            lines.append(command(b"RCPT TO:", address, _rcpt_options(options, smtp), encoding))
+            lines.append(command(b"RCPT TO:", address, rcpt_options(options, smtp), encoding))
         except ValueError as exc:
             result.decided[i] = Decision(Status.PERMANENT, f"recipient cannot be sent: {exc}")
             continue
@@ -336,7 +280,7 @@ async def _recipients(
     for i, (address, options) in enumerate(tx.recipients):
         try:
             trace.stage = f"RCPT TO at {target.label}"
-            await smtp.rcpt(address, options=_rcpt_options(options, smtp), encoding=encoding)
+            await smtp.rcpt(address, options=rcpt_options(options, smtp), encoding=encoding)
         except SMTPResponseException as exc:
             decision = decision_for(exc.code, exc.message, target)
             if exc.code == 421 or not smtp.is_connected:

@@ -34,7 +34,9 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import SMTPProtocol
 
+from relay.body import Body, Stuffer
 from relay.mailformat import crlf_only
 
 CRLF = b"\r\n"
@@ -53,21 +55,22 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 async def send_data(
-    smtp: aiosmtplib.SMTP, data: bytes, timeout: float, *, started: bool = False
+    smtp: aiosmtplib.SMTP, data: bytes | Body, timeout: float, *, started: bool = False
 ) -> SMTPResponse:
     """DATA, the message, and the final reply, as ``SMTP.data()`` does.  With
     *started*, DATA already got its 354 (it ended a pipelined group): only the
-    message and the final reply."""
+    message and the final reply.  A message on disk goes a piece at a time, each
+    written once the transport has room (relay.body), never whole in memory."""
+    body = data if isinstance(data, Body) else Body.of(data)
     protocol = smtp.protocol
     lock = getattr(protocol, "_command_lock", None)
     usable = protocol is not None and lock is not None and hasattr(protocol, "_response_pending")
-    if not usable or not crlf_only(data):
-        if started:  # cannot happen for spooled data (CRLF-only), but never send it raw
+    if not usable or (body.data is not None and not crlf_only(body.data)):
+        if started or body.data is None:  # never send such data raw, nor a file whole
             smtp.close()
-            raise SMTPServerDisconnected("message data is not CRLF-only; connection closed")
-        return await smtp.data(data, timeout=timeout)
+            raise SMTPServerDisconnected("message data cannot be sent safely; connection closed")
+        return await smtp.data(body.data, timeout=timeout)
     assert protocol is not None and lock is not None
-    wire = dot_stuff(data)
     try:
         async with lock:
             if not started:
@@ -77,7 +80,10 @@ async def send_data(
                 if start.code != 354:
                     raise SMTPDataError(start.code, start.message)
             protocol._response_pending = True
-            protocol.write(wire)
+            if body.data is not None:
+                protocol.write(dot_stuff(body.data))
+            else:
+                await _stream(smtp, protocol, body)
             reply = await protocol.read_response(timeout=timeout)
             if reply.code != 250:
                 raise SMTPDataError(reply.code, reply.message)
@@ -85,6 +91,24 @@ async def send_data(
     except (SMTPServerDisconnected, SMTPTimeoutError):
         smtp.close()
         raise
+
+
+async def _stream(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, body: Body) -> None:
+    """The message from disk, dot-stuffed piece by piece.  Anything wrong on the way -
+    a piece that is not CRLF-only, the file unreadable - closes the session before the
+    end marker, so the server never takes a truncated or unsafe message."""
+    stuffer = Stuffer()
+    try:
+        async for piece in body.pieces():
+            out = stuffer.feed(piece)
+            if not crlf_only(out):
+                raise OSError("message data is not CRLF-only")
+            protocol.write(out)
+            await protocol._drain_helper()  # the transport has room again
+    except OSError as exc:
+        smtp.close()
+        raise SMTPServerDisconnected(f"message data could not be sent: {exc}") from exc
+    protocol.write(stuffer.end())
 
 
 def command(verb: bytes, path: str, params: list[str], encoding: str) -> bytes:

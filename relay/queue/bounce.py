@@ -16,6 +16,7 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 
+from relay.body import Body
 from relay.mailformat import format_date
 from relay.queue.envelope import Attempt, AttemptOutcome, QueueEnvelope, Recipient
 
@@ -60,12 +61,13 @@ def dsn_message(
     failed: Sequence[Recipient],
     hostname: str,
     now: float,
-    original: bytes,
+    original: bytes | Body,
     kind: DsnKind,
     new_id: str,
     retry_until: float | None = None,
 ) -> tuple[QueueEnvelope, bytes]:
-    """The DSN's envelope (from ``<>``, ``bounce=True``) and its bytes, ready for Spool.store."""
+    """The DSN's envelope (from ``<>``, ``bounce=True``) and its bytes, ready for Spool.store.
+    Blocking when *original* is on disk and returned whole: call it off the event loop."""
     data = build_dsn(envelope, list(failed), hostname, now, original, kind, new_id, retry_until)
     options = ["BODY=8BITMIME"] if not data.isascii() else []
     if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options):
@@ -90,7 +92,7 @@ def build_dsn(
     failed: list[Recipient],
     hostname: str,
     now: float,
-    original: bytes,
+    original: bytes | Body,
     kind: DsnKind,
     new_id: str,
     retry_until: float | None = None,
@@ -123,15 +125,16 @@ def build_dsn(
 
 
 def _returned(
-    envelope: QueueEnvelope, original: bytes, kind: DsnKind
+    envelope: QueueEnvelope, original: bytes | Body, kind: DsnKind
 ) -> tuple[bytes, bytes, bytes]:
     """RFC 3461 4.3 RET: the whole message when the sender asked for it (RET=FULL) and it
     is not too big, else its headers (also the default, and always for REQUIRETLS)."""
+    body = original if isinstance(original, Body) else Body.of(original)
     ret = (_option(envelope.mail_options, "RET") or "").upper()
     requiretls = any(o.upper() == "REQUIRETLS" for o in envelope.mail_options)
-    if ret == "FULL" and kind is DsnKind.FAILED and not requiretls and len(original) <= MAX_RETURN:
-        return (b"message/rfc822", b"Undelivered Message", original)
-    return (b"text/rfc822-headers", b"Undelivered Message Headers", original_headers(original))
+    if ret == "FULL" and kind is DsnKind.FAILED and not requiretls and body.size <= MAX_RETURN:
+        return (b"message/rfc822", b"Undelivered Message", body.whole())
+    return (b"text/rfc822-headers", b"Undelivered Message Headers", original_headers(body.head))
 
 
 def original_headers(data: bytes) -> bytes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from relay.audit.trail import AuditError, AuditTrail
+from relay.body import Body
 from relay.config import QueueConfig
 from relay.delivery.outcome import Cause, Outcome, Status
 from relay.domains import Domain, domain_of
@@ -51,7 +52,7 @@ class DelivererLike(Protocol):
         mail_options: Sequence[str],
         domain: Domain,
         recipients: Sequence[tuple[str, Sequence[str]]],
-        data: bytes,
+        data: Body,
     ) -> Sequence[Outcome]: ...
 
     async def close(self) -> None: ...
@@ -79,7 +80,7 @@ class DeliveryPass:
 
     ctx: PassContext
     env: QueueEnvelope
-    data: bytes
+    data: Body
     guard: asyncio.Lock = field(default_factory=asyncio.Lock)  # apply + write, per domain
     to_bounce: list[Recipient] = field(default_factory=list)
     to_relay: list[Recipient] = field(default_factory=list)  # NOTIFY=SUCCESS, no DSN next
@@ -142,7 +143,7 @@ class DeliveryPass:
         if trail is None or not delivered:
             return
         if self.message_id is None:
-            self.message_id = header_value(self.data, "Message-ID") or ""
+            self.message_id = header_value(self.data.head, "Message-ID") or ""
         now = self.ctx.clock()
         records = [audit_record(self.env, o, self.message_id, now) for o in delivered]
         try:
@@ -263,8 +264,8 @@ class DeliveryPass:
             retry.expires_at(env.created, self.ctx.cfg) if kind is bounce.DsnKind.DELAYED else None
         )
         new_id = self.ctx.spool.new_id()
-        dsn_env, blob = bounce.dsn_message(
-            env, wanted, self.ctx.hostname, now, self.data, kind, new_id, until
+        dsn_env, blob = await off_loop(  # may read the message from disk (RET=FULL)
+            bounce.dsn_message, env, wanted, self.ctx.hostname, now, self.data, kind, new_id, until
         )
         await off_loop(self.ctx.spool.store, dsn_env, blob)
         event(

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from relay.audit.trail import AuditTrail
+from relay.body import Body
 from relay.config import QueueConfig
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.log import event
@@ -297,7 +298,10 @@ class Scheduler:
                 return now + ERROR_RETRY
             del self._unsaved[qid]
         fresh = self.spool.take_fresh(qid)  # just accepted: still in memory
-        env, data = fresh if fresh is not None else await off_loop(self._load, qid, now)
+        if fresh is not None:
+            env, data = fresh[0], Body.of(fresh[1])
+        else:
+            env, data = await off_loop(self._load, qid, now)
         if env.held:
             return None  # hold/ is never scheduled; `release` kicks us
         due = due_recipients(env, now)
@@ -326,9 +330,9 @@ class Scheduler:
         self._unsaved[qid] = env
         return self.clock() + ERROR_RETRY
 
-    def _load(self, qid: str, now: float) -> tuple[QueueEnvelope, bytes]:
+    def _load(self, qid: str, now: float) -> tuple[QueueEnvelope, Body]:
         """QueueEnvelope and data in one trip off the loop (data only if something is due)."""
         env = self.spool.load(qid)
         if env.held or not due_recipients(env, now):
-            return env, b""
-        return env, self.spool.read_data(qid)
+            return env, Body.of(b"")
+        return env, self.spool.body(qid)

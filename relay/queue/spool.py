@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from relay.body import Body
 from relay.errors import MessageBusy, MessageNotFound, SpoolError, SpoolFullError
 from relay.log import event
 from relay.queue import msgfile
@@ -48,6 +49,7 @@ from relay.safeio import Committer, atomic_write, fsync_dir, temp_name, write_al
 log = logging.getLogger("relay.spool")
 
 LOOP_WRITE_MAX = 256 * 1024  # store_soon: bigger messages are written by a worker thread
+LOAD_WHOLE = 1024 * 1024  # Spool.body: bigger messages stay on disk until sent
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
 # Forked workers (relay.workers) must not share one sequence of ids.
@@ -294,6 +296,19 @@ class Spool:
                 return msgfile.read_data(fh, msgfile.read_layout(fh, qid))
         except FileNotFoundError as exc:
             raise MessageNotFound(f"no such message: {qid}") from exc
+
+    def body(self, qid: str) -> Body:
+        """The data of *qid* for delivery: read whole up to LOAD_WHOLE octets, else left
+        on disk and read in pieces when sent (relay.body).  Blocking."""
+        path, _ = self._find(qid)
+        try:
+            with path.open("rb") as fh:
+                layout = msgfile.read_layout(fh, qid)
+                if layout.data_length <= LOAD_WHOLE:
+                    return Body.of(msgfile.read_data(fh, layout))
+        except FileNotFoundError as exc:
+            raise MessageNotFound(f"no such message: {qid}") from exc
+        return Body.on_disk(str(path), layout.data_offset, layout.data_length)
 
     def ids(self, held: bool = False) -> list[str]:
         folder = self.hold_dir if held else self.queue_dir

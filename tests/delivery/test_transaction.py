@@ -6,8 +6,10 @@ import aiosmtplib
 import pytest
 
 from relay.delivery.outcome import Status, classify, reply_text
+from relay.delivery.params import mail_options as _mail_options
+from relay.delivery.params import rcpt_options as _rcpt_options
 from relay.delivery.session import Target
-from relay.delivery.transaction import Transaction, _mail_options, _rcpt_options
+from relay.delivery.transaction import Transaction
 
 TARGET = Target("mx1.example.test", "127.0.0.2", 2525)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.app import new_deliverer
+from relay.body import Body
 from relay.config import DeliveryConfig, PolicyConfig, QueueConfig, Route
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import MxResolver
@@ -72,7 +73,8 @@ class FakeDeliverer:
         recipients: Sequence[tuple[str, Sequence[str]]],
         data: bytes,
     ) -> list[Outcome]:
-        self.calls.append(Call(queue_id, sender, domain, [a for a, _ in recipients], data))
+        raw = data.whole() if isinstance(data, Body) else data  # what was spooled
+        self.calls.append(Call(queue_id, sender, domain, [a for a, _ in recipients], raw))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
