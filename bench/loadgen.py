@@ -20,7 +20,11 @@ PIPELINING (RFC 2920) is used for MAIL/RCPT/DATA when the server offers it, as r
 clients do; ``--no-pipelining`` turns it off.
 
 Writes a JSON result file (``--out``); exit code 0 unless the run could not start.
-Not: a conformance tester.  Messages are plain 7-bit text; lines never start with ".".
+``--shape`` picks the message's shape (bench.messages: plain text, very short lines, a
+huge header block, header only); the run records every reply to end-of-data, so a 5xx
+for a shape is an outcome (``rejected``), not an error.
+
+Not: a conformance tester.  Messages are 7-bit text; lines never start with ".".
 """
 
 from __future__ import annotations
@@ -37,38 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-SENDER = "loadgen@bench.test"
-DOMAIN = "bench.test"
-LINE = 78  # body line length including CRLF
-
-
-def make_body(size: int, header_len: int) -> bytes:
-    """Body bytes so that headers + body is ~size bytes; 76 printable chars per line."""
-    n = max(size - header_len, LINE)
-    line = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmn\r\n"
-    assert len(line) == LINE
-    full, rest = divmod(n, LINE)
-    body = line * full
-    if rest >= 3:
-        body += b"x" * (rest - 2) + b"\r\n"
-    return body
-
-
-def headers(run: str, conn: int, seq: int) -> bytes:
-    return (
-        f"From: Load Generator <{SENDER}>\r\n"
-        f"To: <rcpt{conn}@{DOMAIN}>\r\n"
-        f"Subject: bench {run} {conn}/{seq}\r\n"
-        f"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
-        f"Message-ID: <{message_id(run, conn, seq)}>\r\n"
-        f"MIME-Version: 1.0\r\n"
-        f"Content-Type: text/plain; charset=us-ascii\r\n"
-        f"\r\n"
-    ).encode()
-
-
-def message_id(run: str, conn: int, seq: int) -> str:
-    return f"{run}.{conn}.{seq}@loadgen.bench.invalid"
+from bench import aio
+from bench.messages import DOMAIN, SENDER, SHAPES, head, message_id, shared_part
 
 
 def client_context() -> ssl.SSLContext:
@@ -135,6 +109,100 @@ class Plan:
         return conn, k, self.t0 + k / self.rate
 
 
+class Smtp:
+    """One client connection: commands, replies, the STARTTLS opening."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def reply(self, timeout: float) -> tuple[int, bytes]:
+        return await asyncio.wait_for(_reply(self.reader), timeout)
+
+    async def cmd(self, line: bytes, timeout: float) -> tuple[int, bytes]:
+        self.writer.write(line)
+        return await self.reply(timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5.0)
+
+
+async def open_starttls(
+    host: str, port: int, ctx: ssl.SSLContext, t_io: float, stage: dict[int, str], conn: int
+) -> tuple[Smtp, bytes]:
+    """Connect, greeting, EHLO, STARTTLS, handshake, EHLO: the session and its last
+    EHLO reply.  *stage* tracks where the session is (for error messages)."""
+    stage[conn] = "connect"
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, limit=1 << 16), t_io
+    )
+    smtp = Smtp(reader, writer)
+    try:
+        code, text = await smtp.reply(t_io)
+        if code != 220:
+            raise SmtpError(f"greeting {text[:100]!r}")
+        code, text = await smtp.cmd(b"EHLO loadgen.bench.invalid\r\n", t_io)
+        if code != 250 or b"STARTTLS" not in text.upper():
+            raise SmtpError(f"EHLO (no STARTTLS?) {text[:200]!r}")
+        stage[conn] = "starttls"
+        code, text = await smtp.cmd(b"STARTTLS\r\n", t_io)
+        if code != 220:
+            raise SmtpError(f"STARTTLS {text[:100]!r}")
+        stage[conn] = "tls-handshake"
+        await asyncio.wait_for(writer.start_tls(ctx), t_io)
+        stage[conn] = "ehlo-tls"
+        code, text = await smtp.cmd(b"EHLO loadgen.bench.invalid\r\n", t_io)
+        if code != 250:
+            raise SmtpError(f"EHLO after TLS {text[:100]!r}")
+    except BaseException:
+        await smtp.close()
+        raise
+    return smtp, text
+
+
+async def envelope(
+    smtp: Smtp, cid: int, size: int, pipelining: bool, t_io: float
+) -> list[tuple[int, bytes]]:
+    """MAIL, RCPT, DATA: in one write when *pipelining*, else one by one, stopping at
+    the first failure.  The replies, in order."""
+    mail = f"MAIL FROM:<{SENDER}> SIZE={size}\r\n".encode()
+    rcpt = f"RCPT TO:<rcpt{cid}@{DOMAIN}>\r\n".encode()
+    if pipelining:
+        smtp.writer.write(mail + rcpt + b"DATA\r\n")
+        return [await smtp.reply(t_io) for _ in range(3)]
+    replies = []
+    for line in (mail, rcpt, b"DATA\r\n"):
+        r = await smtp.cmd(line, t_io)
+        replies.append(r)
+        if r[0] >= 400:
+            break
+    return replies
+
+
+async def send_data(
+    smtp: Smtp, parts: tuple[bytes, ...], timeout: float
+) -> tuple[int, bytes, float]:
+    """The message and the end-of-data dot, then the reply: (code, text, when the dot
+    was handed to the transport).  A server that refuses a message may reply and close
+    before it has read all of it: then its reply, if it sent one, is returned (code 0
+    if none)."""
+    try:
+        for part in parts:
+            smtp.writer.write(part)
+        smtp.writer.write(b".\r\n")
+        await smtp.writer.drain()
+    except OSError as exc:
+        t_sent = time.monotonic()
+        try:
+            return (*await smtp.reply(5.0), t_sent)
+        except (SmtpError, OSError, TimeoutError):
+            return 0, f"connection lost while sending: {type(exc).__name__}".encode(), t_sent
+    t_sent = time.monotonic()
+    return (*await smtp.reply(timeout), t_sent)
+
+
 async def session(
     conn: int,
     args: argparse.Namespace,
@@ -144,101 +212,63 @@ async def session(
     res: Result,
 ) -> None:
     t_io = args.io_timeout
-    res.stage[conn] = "connect"
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(args.host, args.port, limit=1 << 16), t_io
-    )
+    smtp, ehlo = await open_starttls(args.host, args.port, ctx, t_io, res.stage, conn)
+    res.handshakes += 1
+    pipelining = b"PIPELINING" in ehlo.upper() and not args.no_pipelining
+    res.pipelining = pipelining
     try:
-
-        async def cmd(line: bytes) -> tuple[int, bytes]:
-            writer.write(line)
-            return await asyncio.wait_for(_reply(reader), t_io)
-
-        code, text = await asyncio.wait_for(_reply(reader), t_io)
-        if code != 220:
-            raise SmtpError(f"greeting {text[:100]!r}")
-        code, text = await cmd(b"EHLO loadgen.bench.invalid\r\n")
-        if code != 250 or b"STARTTLS" not in text.upper():
-            raise SmtpError(f"EHLO (no STARTTLS?) {text[:200]!r}")
-        res.stage[conn] = "starttls"
-        code, text = await cmd(b"STARTTLS\r\n")
-        if code != 220:
-            raise SmtpError(f"STARTTLS {text[:100]!r}")
-        res.stage[conn] = "tls-handshake"
-        await asyncio.wait_for(writer.start_tls(ctx), t_io)
-        res.stage[conn] = "ehlo-tls"
-        res.handshakes += 1
-        code, text = await cmd(b"EHLO loadgen.bench.invalid\r\n")
-        if code != 250:
-            raise SmtpError(f"EHLO after TLS {text[:100]!r}")
-        pipelining = b"PIPELINING" in text.upper() and not args.no_pipelining
-        res.pipelining = pipelining
         sent = 0
-        while True:
-            item = plan.take(conn, sent)
-            if item is None:
-                break
-            cid, seq, due = item
-            if due:
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            msgid = message_id(args.run, cid, seq)
-            res.stage[conn] = f"message {seq}"
-            rcpt = f"rcpt{cid}@{DOMAIN}"
-            mail = f"MAIL FROM:<{SENDER}> SIZE={len(body) + 400}\r\n".encode()
-            rcpt_line = f"RCPT TO:<{rcpt}>\r\n".encode()
-            t_start = time.monotonic()
-            if due:
-                res.lag.append(t_start - due)
-            if pipelining:
-                writer.write(mail + rcpt_line + b"DATA\r\n")
-                replies = [await asyncio.wait_for(_reply(reader), t_io) for _ in range(3)]
-            else:
-                replies = []
-                for line in (mail, rcpt_line, b"DATA\r\n"):
-                    r = await cmd(line)
-                    replies.append(r)
-                    if r[0] >= 400:
-                        break
-            stage = next((i for i, r in enumerate(replies) if r[0] >= 400), None)
-            if stage is not None or replies[-1][0] != 354:
-                res.rejected.append([msgid, stage, replies[-1][1][:200].decode("latin-1")])
-                if replies[-1][0] == 354:  # cannot happen with one recipient, but be safe
-                    writer.write(b".\r\n")
-                    await asyncio.wait_for(_reply(reader), t_io)
-                code, _ = await cmd(b"RSET\r\n")
-                sent += 1
-                continue
-            writer.write(headers(args.run, cid, seq))
-            writer.write(body)
-            writer.write(b".\r\n")
-            await writer.drain()
-            t_sent = time.monotonic()
-            code, text = await asyncio.wait_for(_reply(reader), args.data_timeout)
-            t_250 = time.monotonic()
-            if code == 250:
-                res.messages.append([msgid, t_start, t_sent, t_250])
-            else:
-                res.rejected.append([msgid, "data", text[:200].decode("latin-1")])
+        while (item := plan.take(conn, sent)) is not None:
             sent += 1
-        try:
-            writer.write(b"QUIT\r\n")
-            await asyncio.wait_for(_reply(reader), 5.0)
-        except (SmtpError, OSError, TimeoutError):
-            pass
+            await one_message(smtp, item, args, body, pipelining, res)
+            res.stage[conn] = "after message"
+        with contextlib.suppress(SmtpError, OSError, TimeoutError):
+            await smtp.cmd(b"QUIT\r\n", 5.0)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
-            await asyncio.wait_for(writer.wait_closed(), 5.0)
+        await smtp.close()
+
+
+async def one_message(
+    smtp: Smtp,
+    item: tuple[int, int, float],
+    args: argparse.Namespace,
+    body: bytes,
+    pipelining: bool,
+    res: Result,
+) -> None:
+    cid, seq, due = item
+    if due and (delay := due - time.monotonic()) > 0:
+        await asyncio.sleep(delay)
+    msgid = message_id(args.run, cid, seq)
+    res.stage[cid] = f"message {seq}"
+    t_start = time.monotonic()
+    if due:
+        res.lag.append(t_start - due)
+    replies = await envelope(smtp, cid, len(body) + 400, pipelining, args.io_timeout)
+    stage = next((i for i, r in enumerate(replies) if r[0] >= 400), None)
+    if stage is not None or replies[-1][0] != 354:
+        res.rejected.append([msgid, stage, replies[-1][1][:200].decode("latin-1")])
+        if replies[-1][0] == 354:  # cannot happen with one recipient, but be safe
+            await smtp.cmd(b".\r\n", args.io_timeout)
+        await smtp.cmd(b"RSET\r\n", args.io_timeout)
+        return
+    parts = (head(args.shape, args.run, cid, seq), body)
+    code, text, t_sent = await send_data(smtp, parts, args.data_timeout)
+    t_250 = time.monotonic()
+    if code == 250:
+        res.messages.append([msgid, t_start, t_sent, t_250])
+    elif code == 0:
+        raise SmtpError(text.decode("latin-1"))
+    else:
+        res.rejected.append([msgid, "data", text[:200].decode("latin-1")])
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.host.startswith("127."):
         raise SystemExit("loadgen talks to 127.0.0.0/8 only")
     size = args.size
-    hdr_len = len(headers(args.run, 0, 0))
-    body = make_body(size, hdr_len)
+    hdr_len = len(head(args.shape, args.run, 0, 0))
+    body = shared_part(args.shape, size, hdr_len)
     ctx = client_context()
     plan = Plan(args.conns, args.msgs, args.rate)
     res = Result()
@@ -268,6 +298,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "conns": args.conns,
         "msgs_per_conn": args.msgs,
         "size": size,
+        "shape": args.shape,
         "message_bytes": hdr_len + len(body),
         "rate": args.rate,
         "pipelining": res.pipelining,
@@ -297,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", type=int, default=16)
     p.add_argument("--msgs", type=int, default=200, help="messages per connection")
     p.add_argument("--size", type=parse_size, default=2048, help="e.g. 2k, 100k, 10m")
+    p.add_argument("--shape", choices=SHAPES, default="plain", help="see bench.messages")
     p.add_argument("--rate", type=float, default=None, help="offered msg/s (open loop)")
     p.add_argument("--run", default=f"r{os.getpid()}", help="run tag used in Message-IDs")
     p.add_argument("--out", required=True, help="JSON result file")
@@ -310,14 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    if uvloop is not None and not args.no_uvloop:
-        doc = uvloop.run(run(args))
-    else:
-        doc = asyncio.run(run(args))
+    doc = aio.run(run(args), not args.no_uvloop)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(doc, fh)

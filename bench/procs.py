@@ -19,15 +19,19 @@ Method (no cgroups needed, works as root or not, for Postfix and tls-relay alike
   (libc, libcrypto, Postfix's shared libraries) are counted once per process, which
   overstates a multi-process server; the proportional set size (PSS, from
   ``smaps_rollup``, shared pages divided among their users) is sampled every 0.5 s and
-  reported too.
+  reported too; the memory scenarios (bench.memory, bench.shapes) sample it every 50 ms
+  (``pss_every=1``), keep its time series, and record at the peak how it splits into
+  anonymous memory (heap: message copies), file pages and shmem.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -103,17 +107,30 @@ def rss_bytes(pids: Iterable[int]) -> int:
 
 
 def pss_bytes(pids: Iterable[int]) -> int:
-    total = 0
+    return pss_detail(pids)["pss"]
+
+
+_ROLLUP = {b"Pss:": "pss", b"Pss_Anon:": "anon", b"Pss_File:": "file", b"Pss_Shmem:": "shmem"}
+
+
+def pss_detail(pids: Iterable[int]) -> dict[str, int]:
+    """Summed over *pids*, in bytes, from /proc/PID/smaps_rollup: ``pss`` and its split
+    into ``anon`` (heap, stacks: where message copies live), ``file`` (mapped files:
+    code, libraries) and ``shmem``; ``procs`` = how many were read."""
+    out = dict.fromkeys(("pss", "anon", "file", "shmem", "procs"), 0)
     for pid in pids:
         try:
             with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except (OSError, ValueError):
-            pass
-    return total
+                lines = fh.readlines()
+        except OSError:
+            continue
+        out["procs"] += 1
+        for line in lines:
+            key = _ROLLUP.get(line.split(b" ", 1)[0])
+            if key is not None:
+                with contextlib.suppress(ValueError, IndexError):
+                    out[key] += int(line.split()[1]) * 1024
+    return out
 
 
 def names(pids: Iterable[int]) -> dict[int, str]:
@@ -149,22 +166,41 @@ class MemPeak:
     rss: int = 0
     pss: int = 0
     samples: int = 0
+    pss_samples: int = 0
     max_procs: int = 0
+    at_peak: dict[str, int] = field(default_factory=dict)  # pss_detail() at the PSS peak
+    series: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, PSS)
+    capped: bool = False  # PSS went over the cap; on_cap() was called
 
 
 class Sampler(threading.Thread):
-    """Samples the tree's summed RSS every *interval* s (PSS every 10th sample);
-    rescans /proc for new descendants every *rescan* samples.  Optionally re-pins
-    stray processes to *cpus* (a no-op when everything inherited the affinity)."""
+    """Samples the tree's summed RSS every *interval* s and its PSS every *pss_every*-th
+    sample (1 = every sample, for the memory scenarios); rescans /proc for new
+    descendants every *rescan* samples.  Optionally re-pins stray processes to *cpus*
+    (a no-op when everything inherited the affinity).  *pss_cap*: when the PSS goes
+    over it, *on_cap* is called once (a guard: the driver kills the SUT before it takes
+    the machine's memory).  Bounded: stops by itself after *max_seconds*."""
 
     def __init__(
-        self, root: int, interval: float = 0.05, rescan: int = 5, cpus: set[int] | None = None
+        self,
+        root: int,
+        interval: float = 0.05,
+        rescan: int = 5,
+        cpus: set[int] | None = None,
+        pss_every: int = 10,
+        pss_cap: int | None = None,
+        on_cap: Callable[[], None] | None = None,
+        max_seconds: float = 3600.0,
     ) -> None:
         super().__init__(name=f"sampler-{root}", daemon=True)
         self.root = root
         self.interval = interval
         self.rescan = rescan
         self.cpus = cpus
+        self.pss_every = max(1, pss_every)
+        self.pss_cap = pss_cap
+        self.on_cap = on_cap
+        self.max_seconds = max_seconds
         self.peak = MemPeak()
         self.repinned: list[int] = []
         self._stop_evt = threading.Event()
@@ -172,7 +208,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         pids: list[int] = []
         i = 0
-        while not self._stop_evt.is_set():
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop_evt.is_set() and time.monotonic() < deadline:
             if i % self.rescan == 0:
                 pids = tree(self.root)
                 if self.cpus is not None:
@@ -182,10 +219,24 @@ class Sampler(threading.Thread):
             p.samples += 1
             p.rss = max(p.rss, rss)
             p.max_procs = max(p.max_procs, len(pids))
-            if i % 10 == 0:
-                p.pss = max(p.pss, pss_bytes(pids))
+            if i % self.pss_every == 0:
+                self._sample_pss(pids)
             i += 1
             self._stop_evt.wait(self.interval)
+
+    def _sample_pss(self, pids: list[int]) -> None:
+        p = self.peak
+        detail = pss_detail(pids)
+        p.pss_samples += 1
+        if len(p.series) < 100_000:
+            p.series.append((round(time.monotonic(), 3), detail["pss"]))
+        if detail["pss"] > p.pss:
+            p.pss = detail["pss"]
+            p.at_peak = detail
+        if self.pss_cap is not None and detail["pss"] > self.pss_cap and not p.capped:
+            p.capped = True
+            if self.on_cap is not None:
+                self.on_cap()
 
     def pin_now(self, pids: list[int]) -> list[int]:
         assert self.cpus is not None

@@ -16,6 +16,13 @@ Run as its own process (``python -m bench.sink --port 0 --cert C --key K``).  It
 
 Arrival time = ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process
 on the machine) when the end-of-data dot was seen, just before the 250 is written.
+``--no-pipelining``: the EHLO reply leaves PIPELINING out (an MX that does not offer
+RFC 2920), so a correct client sends one command and waits for its reply.  Either way
+the sink counts ``early_commands``: command lines (or message bytes after DATA) that
+arrived before the reply to the command ahead of them was written.  With PIPELINING
+offered that is a pipelined group; without, a client that pipelines anyway (RFC 2920
+forbids it), which the driver reports.
+
 Not: a validating SMTP server; it accepts any MAIL/RCPT and never rejects.
 """
 
@@ -32,19 +39,23 @@ import sys
 import time
 from typing import Any
 
+from bench import aio
+
 _CMD, _DATA, _TLSWAIT, _CLOSED = 0, 1, 2, 3
 _END = b"\r\n.\r\n"
 _HDR_KEEP = 65536
 _MSGID = re.compile(rb"^message-id:[ \t]*<([^>\r\n]+)>", re.IGNORECASE | re.MULTILINE)
 _NAME = b"sink.bench.invalid"  # must differ from the SUT's own name (Postfix loop check)
-_EHLO_PLAIN = (
-    b"250-" + _NAME + b"\r\n250-PIPELINING\r\n250-SIZE 209715200\r\n"
-    b"250-8BITMIME\r\n250-STARTTLS\r\n250 ENHANCEDSTATUSCODES\r\n"
-)
-_EHLO_TLS = (
-    b"250-" + _NAME + b"\r\n250-PIPELINING\r\n250-SIZE 209715200\r\n"
-    b"250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-)
+
+
+def ehlo_reply(tls: bool, pipelining: bool) -> bytes:
+    """The EHLO reply: STARTTLS before TLS, PIPELINING only if *pipelining*."""
+    lines = [b"250-" + _NAME, b"250-SIZE 209715200", b"250-8BITMIME"]
+    if pipelining:
+        lines.insert(1, b"250-PIPELINING")
+    if not tls:
+        lines.append(b"250-STARTTLS")
+    return b"\r\n".join([*lines, b"250 ENHANCEDSTATUSCODES", b""])
 
 
 class Stats:
@@ -56,6 +67,7 @@ class Stats:
         self.bytes = 0
         self.connections = 0
         self.tls_handshakes = 0
+        self.early_commands = 0  # sent before the previous reply was written (see doc)
         self.cpu0 = _cpu()
         self.t0 = time.monotonic()
 
@@ -85,10 +97,22 @@ def _cpu() -> float:
 
 
 class SinkProtocol(asyncio.Protocol):
-    __slots__ = ("buf", "hdr", "mode", "nbytes", "stats", "tail", "tls", "tlsctx", "transport")
+    __slots__ = (
+        "buf",
+        "ehlo",
+        "hdr",
+        "mode",
+        "nbytes",
+        "stats",
+        "tail",
+        "tls",
+        "tlsctx",
+        "transport",
+    )
 
-    def __init__(self, stats: Stats, tlsctx: ssl.SSLContext) -> None:
+    def __init__(self, stats: Stats, tlsctx: ssl.SSLContext, pipelining: bool = True) -> None:
         self.stats = stats
+        self.ehlo = (ehlo_reply(False, pipelining), ehlo_reply(True, pipelining))
         self.tlsctx = tlsctx
         self.transport: Any = None
         self.buf = b""
@@ -139,6 +163,8 @@ class SinkProtocol(asyncio.Protocol):
                 break
             line = self.buf[:i]
             self.buf = self.buf[i + 1 :]
+            if out:  # the reply to the command before this one is not written yet
+                self.stats.early_commands += 1
             verb = line[:4].upper()
             if verb in (b"MAIL", b"RCPT"):
                 out.append(b"250 2.1.0 Ok\r\n")
@@ -151,12 +177,13 @@ class SinkProtocol(asyncio.Protocol):
                 self.tail = b"\r\n"
                 self.nbytes = 0
                 rest, self.buf = self.buf, b""
-                if rest:
+                if rest:  # message bytes sent before the 354
+                    self.stats.early_commands += 1
                     rest = self._data(rest)
                     self.buf = rest
                     transport = self.transport
             elif verb == b"EHLO":
-                out.append(_EHLO_TLS if self.tls else _EHLO_PLAIN)
+                out.append(self.ehlo[self.tls])
             elif verb == b"HELO":
                 out.append(b"250 " + _NAME + b"\r\n")
             elif verb in (b"RSET", b"NOOP"):
@@ -219,6 +246,8 @@ class SinkProtocol(asyncio.Protocol):
             self.tail = data[-4:] if len(data) >= 4 else (tail + data)[-4:]
             return b""
         self.stats.record(bytes(self.hdr), self.nbytes)
+        if end < len(data):  # a command sent before the 250 for this message
+            self.stats.early_commands += 1
         self.mode = _CMD
         self.hdr = bytearray()
         if self.transport is not None:
@@ -259,6 +288,7 @@ async def _control(stats: Stats, server: asyncio.AbstractServer) -> None:
                 "bytes": stats.bytes,
                 "connections": stats.connections,
                 "tls_handshakes": stats.tls_handshakes,
+                "early_commands": stats.early_commands,
                 "cpu_seconds": _cpu() - stats.cpu0,
                 "wall_seconds": time.monotonic() - stats.t0,
                 "loop": type(asyncio.get_running_loop()).__module__,
@@ -283,8 +313,13 @@ async def main_async(args: argparse.Namespace) -> None:
     stats = Stats()
     ctx = server_context(args.cert, args.key)
     loop = asyncio.get_running_loop()
+    pipelining = not args.no_pipelining
     server = await loop.create_server(
-        lambda: SinkProtocol(stats, ctx), args.host, args.port, backlog=1024, reuse_address=True
+        lambda: SinkProtocol(stats, ctx, pipelining),
+        args.host,
+        args.port,
+        backlog=1024,
+        reuse_address=True,
     )
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(f"READY {port}\n")
@@ -296,15 +331,6 @@ async def main_async(args: argparse.Namespace) -> None:
     server.close()
 
 
-try:
-    import uvloop
-
-    _UVLOOP = True
-except ImportError:  # pragma: no cover - optional
-    uvloop = None
-    _UVLOOP = False
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="STARTTLS SMTP sink for the benchmark")
     p.add_argument("--host", default="127.0.0.1")
@@ -312,12 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--no-pipelining", action="store_true", help="EHLO without PIPELINING")
     p.add_argument("--max-lifetime", type=float, default=3600.0, help="exit after this many s")
     args = p.parse_args(argv)
-    if uvloop is not None and not args.no_uvloop:
-        uvloop.run(main_async(args))
-    else:
-        asyncio.run(main_async(args))
+    aio.run(main_async(args), not args.no_uvloop)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Not: measuring (bench.run) or generating load (bench.loadgen).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -69,31 +70,32 @@ def _kill_group(proc: subprocess.Popen[Any], grace: float) -> None:
         proc.wait(5)
 
 
-class Sink:
-    """bench.sink as a child process, driven over its stdin/stdout."""
+class LineProcess:
+    """A bench child process driven by one-line requests on its stdin, one-line answers
+    on its stdout; its first line must start with ``READY``."""
 
-    def __init__(self, cert: Path, key: Path, cpus: set[int] | None, workdir: Path) -> None:
-        self.cmd = taskset(cpus, [PY, "-m", "bench.sink", "--cert", str(cert), "--key", str(key)])
+    def __init__(self, cmd: list[str], workdir: Path, errname: str) -> None:
+        self.cmd = cmd
         self.workdir = workdir
+        self.errname = errname
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
         self._buf = b""
 
-    def start(self) -> int:
+    def start_process(self, timeout: float = 15.0) -> str:
+        """Start it; the READY line."""
         self.proc = subprocess.Popen(
             self.cmd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=open(self.workdir / "sink.err", "wb"),  # noqa: SIM115
+            stderr=open(self.workdir / self.errname, "wb"),  # noqa: SIM115
             cwd=ROOT,
             start_new_session=True,
             bufsize=0,
         )
-        line = self._readline(15.0)
-        if not line.startswith("READY "):
-            raise RuntimeError(f"sink did not start: {line!r}")
-        self.port = int(line.split()[1])
-        return self.port
+        line = self._readline(timeout)
+        if not line.startswith("READY"):
+            raise RuntimeError(f"{self.cmd[-1]}: did not start: {line!r}")
+        return line
 
     def _readline(self, timeout: float) -> str:
         assert self.proc is not None and self.proc.stdout is not None
@@ -102,12 +104,12 @@ class Sink:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"sink: no answer within {timeout}s")
+                raise RuntimeError(f"{self.errname}: no answer within {timeout}s")
             r, _, _ = select.select([fd], [], [], left)
             if r:
                 chunk = os.read(fd, 4096)
                 if not chunk:
-                    raise RuntimeError("sink exited")
+                    raise RuntimeError(f"{self.errname}: the process exited")
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode()
@@ -116,6 +118,37 @@ class Sink:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(cmd.encode() + b"\n")
         return self._readline(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """``quit``, then SIGTERM/SIGKILL of its process group; safe to call twice."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(b"quit\n")
+                self.proc.stdin.close()
+            self.proc.wait(grace)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        _kill_group(self.proc, 2)
+        self.proc = None
+
+
+class Sink(LineProcess):
+    """bench.sink as a child process.  *pipelining*: whether its EHLO offers PIPELINING."""
+
+    def __init__(
+        self, cert: Path, key: Path, cpus: set[int] | None, workdir: Path, pipelining: bool = True
+    ) -> None:
+        cmd = [PY, "-m", "bench.sink", "--cert", str(cert), "--key", str(key)]
+        if not pipelining:
+            cmd.append("--no-pipelining")
+        super().__init__(taskset(cpus, cmd), workdir, "sink.err")
+        self.port = 0
+
+    def start(self) -> int:
+        self.port = int(self.start_process().split()[1])
+        return self.port
 
     def count(self) -> int:
         return int(self.request("count").split()[1])
@@ -127,19 +160,6 @@ class Sink:
         self.request(f"dump {path}", timeout=60)
         doc: dict[str, Any] = json.loads(path.read_text())
         return doc
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.proc.poll() is None and self.proc.stdin is not None:
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.close()
-            self.proc.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        _kill_group(self.proc, 2)
-        self.proc = None
 
 
 class SUT:
@@ -326,3 +346,24 @@ def relay_unavailable(dnssec: bool = False) -> str | None:
         if not lab.available():
             return "needs nsd, unbound and ldnsutils (make deps)"
     return None
+
+
+def dane_lab(wd: Path, sink_port: int, cert: Path) -> contextlib.AbstractContextManager[Any]:
+    """A DNSSEC lab (nsd + validating unbound, tests/fixtures/dnssec.py) where bench.test's
+    MX is the sink, with a DANE-EE TLSA record for the sink's certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.fixtures.dnssec import running_lab
+
+    leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    records = [
+        "bench.test. 300 IN MX 10 mx.bench.test.",
+        "mx.bench.test. 300 IN A 127.0.0.1",
+        f"_{sink_port}._tcp.mx.bench.test. 300 IN TLSA 3 1 1 {hashlib.sha256(spki).hexdigest()}",
+    ]
+    (wd / "dnssec").mkdir()
+    return running_lab(wd / "dnssec", secure=records)
