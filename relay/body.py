@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
-CHUNK = 1024 * 1024  # octets read from the spool file at a time
+CHUNK = 256 * 1024  # octets read from the spool file at a time
 HEAD_MAX = 2 * 1024 * 1024  # a stored header section: 1 MiB from the client, plus ours
 
 

@@ -25,7 +25,7 @@ from relay.queue.spool import LOOP_WRITE_MAX, Spool
 
 HEADER_LIMIT = 1024 * 1024  # octets of header block accepted (Exim's header_maxsize)
 MEMORY_MAX = LOOP_WRITE_MAX  # a message up to this size is stored in one write
-FLUSH = 1024 * 1024  # octets gathered before each write to the spool file
+FLUSH = 256 * 1024  # octets gathered before each write to the spool file
 
 
 class HeaderTooLarge(Exception):

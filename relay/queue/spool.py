@@ -49,7 +49,7 @@ from relay.safeio import Committer, atomic_write, fsync_dir, temp_name, write_al
 log = logging.getLogger("relay.spool")
 
 LOOP_WRITE_MAX = 256 * 1024  # store_soon: bigger messages are written by a worker thread
-LOAD_WHOLE = 1024 * 1024  # Spool.body: bigger messages stay on disk until sent
+LOAD_WHOLE = 256 * 1024  # Spool.body: bigger messages stay on disk until sent
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ids = random.Random(secrets.randbits(128))  # noqa: S311 - ids must be unique, not secret
 # Forked workers (relay.workers) must not share one sequence of ids.
