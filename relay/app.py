@@ -51,8 +51,9 @@ from relay.intake.users import UserDb
 from relay.log import event
 from relay.metrics import Metrics, MetricsServer, refresh_forever
 from relay.queue.envelope import QueueEnvelope, Recipient
+from relay.queue.recovery import claim
 from relay.queue.scheduler import Scheduler
-from relay.queue.spool import Spool, claim
+from relay.queue.spool import Spool
 from relay.reload import reload
 from relay.tlspolicy.contexts import ClientContexts
 from relay.tlspolicy.stsfetch import StsFetcher

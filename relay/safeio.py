@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -150,18 +152,49 @@ def temp_name(target: str) -> str:
     return os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
 
 
-_Job = tuple[int, str, str, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+_closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closer: list[threading.Thread] = []
+
+
+def close_soon(fd: int) -> None:
+    """Close *fd* in a background thread.  For the descriptor of a file already
+    unlinked (a delivered message): its last close frees the inode, which on ext4
+    waits for the journal, and must not stall the event loop."""
+    if not _closer or not _closer[0].is_alive():  # first use, or a forked worker
+        _closer[:] = [threading.Thread(target=_close_forever, name="spool-close", daemon=True)]
+        _closer[0].start()
+    _closing.put(fd)
+
+
+def _close_forever() -> None:
+    while True:
+        with contextlib.suppress(OSError):
+            os.close(_closing.get())
+
+
+@dataclass
+class _Job:
+    fd: int  # the temp file, written (submit), or -1 until the thread makes it (create)
+    tmp: str
+    target: str
+    chunks: Sequence[bytes] | None  # create: what the thread writes into *tmp* first
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[int]
+    outcome: OSError | None = None
 
 
 class Committer:
-    """Makes files written on the event loop durable, in batches, off the loop.
+    """Makes new files durable, in batches, off the event loop.
 
-    ``submit(fd, tmp, target)``: a future of the running loop, done once *fd* (the
-    written temp file) is fsync'd, *tmp* renamed to *target* and the directory
-    fsync'd; it fails with the OSError otherwise (the caller removes *tmp*/*target*
-    and closes *fd*).  One daemon thread takes every job queued while it worked on the last
-    batch: on ext4 the first fsync of a batch commits the journal for the rest, so
-    the others are cheap, and the batch shares one directory fsync.
+    ``submit(fd, tmp, target)``: *fd* is a temp file the caller wrote; the future is
+    done once it is fsync'd, *tmp* renamed to *target* and the directory fsync'd, or
+    fails with the OSError (the caller then closes *fd* and removes *tmp*/*target*).
+    ``create(tmp, target, chunks)``: the same, but the thread also creates *tmp* and
+    writes *chunks*, so the event loop never touches the directory (its creates wait
+    for the renames and fsyncs of the same directory here); the future gives the open
+    descriptor, flock'd; on failure nothing of it is left.  One daemon thread takes
+    every job queued while it worked on the last batch: on ext4 the first fsync of a
+    batch commits the journal for the rest, and the batch shares one directory fsync.
     """
 
     def __init__(self) -> None:
@@ -169,11 +202,19 @@ class Committer:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def submit(self, fd: int, tmp: str, target: str) -> asyncio.Future[None]:
+    def submit(self, fd: int, tmp: str, target: str) -> asyncio.Future[int]:
+        return self._put(fd, tmp, target, None)
+
+    def create(self, tmp: str, target: str, chunks: Sequence[bytes]) -> asyncio.Future[int]:
+        return self._put(-1, tmp, target, chunks)
+
+    def _put(
+        self, fd: int, tmp: str, target: str, chunks: Sequence[bytes] | None
+    ) -> asyncio.Future[int]:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[int] = loop.create_future()
         self._start()
-        self._jobs.put((fd, tmp, target, loop, done))
+        self._jobs.put(_Job(fd, tmp, target, chunks, loop, done))
         return done
 
     def _start(self) -> None:
@@ -188,41 +229,58 @@ class Committer:
             with contextlib.suppress(queue.Empty):
                 while len(batch) < 1024:
                     batch.append(self._jobs.get_nowait())
-            outcomes = _commit_batch([(fd, tmp, target) for fd, tmp, target, _, _ in batch])
-            for (_, _, _, loop, done), outcome in zip(batch, outcomes, strict=True):
+            _commit_batch(batch)
+            for job in batch:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, done, outcome)
+                    job.loop.call_soon_threadsafe(_settle, job.done, job.fd, job.outcome)
 
 
-def _commit_batch(jobs: list[tuple[int, str, str]]) -> list[OSError | None]:
-    outcomes: list[OSError | None] = []
-    for fd, tmp, target in jobs:
+def _commit_batch(jobs: list[_Job]) -> None:
+    for job in jobs:
         try:
-            os.fsync(fd)
-            place(tmp, target, replace=False)  # new files only: never over another
-            outcomes.append(None)
+            if job.chunks is not None:
+                job.fd = _create(job.tmp, job.chunks)
+            os.fsync(job.fd)
+            place(job.tmp, job.target, replace=False)  # new files only: never over another
         except OSError as exc:
-            outcomes.append(exc)
-    folders = {
-        os.path.dirname(target)
-        for (_, _, target), o in zip(jobs, outcomes, strict=True)
-        if o is None
-    }
-    for folder in folders:
+            job.outcome = exc
+    for folder in {os.path.dirname(j.target) for j in jobs if j.outcome is None}:
         try:
             fsync_dir(folder)
         except OSError as exc:
-            outcomes = [
-                exc if o is None and os.path.dirname(target) == folder else o
-                for (_, _, target), o in zip(jobs, outcomes, strict=True)
-            ]
-    return outcomes
+            for job in jobs:
+                if job.outcome is None and os.path.dirname(job.target) == folder:
+                    job.outcome = exc
+    for job in jobs:
+        if job.chunks is not None and job.outcome is not None and job.fd >= 0:
+            os.close(job.fd)  # ours to clean up: before or after the rename
+            job.fd = -1
+            collided = isinstance(job.outcome, FileExistsError)  # the target is another's
+            for path in (job.tmp,) if collided else (job.tmp, job.target):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
-def _settle(done: asyncio.Future[None], outcome: OSError | None) -> None:
-    if done.done():
+def _create(tmp: str, chunks: Sequence[bytes]) -> int:
+    """*tmp* created, written and flock'd (locked until the caller closes it)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        write_all(fd, chunks)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd
+
+
+def _settle(done: asyncio.Future[int], fd: int, outcome: OSError | None) -> None:
+    if done.done():  # nobody waits any more (cancelled): a lock we made is not kept
+        if outcome is None and fd >= 0 and done.cancelled():
+            os.close(fd)
         return
     if outcome is None:
-        done.set_result(None)
+        done.set_result(fd)
     else:
         done.set_exception(outcome)

@@ -1,6 +1,7 @@
 """Start-up clean-up of the spool after a crash, before anything else touches it.
 
-Role: :func:`recover` removes temp files (a message whose temp file never got its
+Role: :func:`claim` takes the spool for one ``serve`` (an flock on ``serve.lock``) before
+anything else; :func:`recover` removes temp files (a message whose temp file never got its
 rename never got a 250), removes state files whose message is gone, and moves a
 message whose header or envelope cannot be read to quarantine/ (never deleted), so
 that an operator can look at it.  Runs once per start: in ``serve``'s process, or in
@@ -10,9 +11,12 @@ Not: normal queue operation, or repairing a damaged message.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from pathlib import Path
 
-from relay.errors import CorruptMessage, MessageNotFound
+from relay.errors import CorruptMessage, MessageNotFound, SpoolError
 from relay.log import event
 from relay.queue.spool import Spool
 from relay.safeio import TMP_PREFIX
@@ -56,3 +60,32 @@ def _problem(spool: Spool, qid: str) -> str | None:
     except (OSError, ValueError, MessageNotFound) as exc:
         return f"unreadable message: {exc}"
     return None
+
+
+SERVE_LOCK = "serve.lock"  # flock'd by the one `serve` (and its workers) using the spool
+
+
+def claim(root: Path) -> int:
+    """Take the spool for this ``serve`` (and the workers it forks, which inherit the
+    descriptor): an exclusive flock on ``serve.lock``, held until the process exits.
+    A second ``serve`` on the same spool would run recovery under the first one's
+    feet, replace its control socket and deliver its messages twice; it stops here,
+    before touching anything, with SpoolError naming the holder.  ``tls-relay queue``
+    does not claim: it is safe beside ``serve`` (per-message locks)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(root / SERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"cannot use spool {root}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SpoolError(
+            f"spool {root} is in use by another tls-relay serve (pid {holder}); "
+            "stop that one first, or give this one its own spool.path"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -44,7 +44,7 @@ from relay.queue import msgfile
 from relay.queue.envelope import QueueEnvelope
 from relay.queue.fresh import FreshMessages, Stamp
 from relay.queue.incoming import Incoming
-from relay.safeio import Committer, atomic_write, fsync_dir, temp_name, write_all
+from relay.safeio import Committer, atomic_write, close_soon, fsync_dir, temp_name
 
 log = logging.getLogger("relay.spool")
 
@@ -71,35 +71,6 @@ def _unlink_quietly(*paths: str) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-SERVE_LOCK = "serve.lock"  # flock'd by the one `serve` (and its workers) using the spool
-
-
-def claim(root: Path) -> int:
-    """Take the spool for this ``serve`` (and the workers it forks, which inherit the
-    descriptor): an exclusive flock on ``serve.lock``, held until the process exits.
-    A second ``serve`` on the same spool would run recovery under the first one's
-    feet, replace its control socket and deliver its messages twice; it stops here,
-    before touching anything, with SpoolError naming the holder.  ``tls-relay queue``
-    does not claim: it is safe beside ``serve`` (per-message locks)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(root / SERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SpoolError(f"cannot use spool {root}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise SpoolError(
-            f"spool {root} is in use by another tls-relay serve (pid {holder}); "
-            "stop that one first, or give this one its own spool.path"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _spool_error(target: Path | str, exc: OSError) -> SpoolError:
@@ -194,44 +165,27 @@ class Spool:
         """Start making a new message durable; the future is done when it is (file
         fsync'd, renamed into queue/, directory fsync'd), or fails with SpoolError.
 
-        A small message is written by the loop itself into the page cache and the
-        Committer thread makes it durable, batched with others; a large one goes to
-        a worker thread whole, so the loop never copies megabytes."""
+        A small message goes to the Committer thread, which writes it and makes it
+        durable batched with others (the event loop never waits on the directory,
+        whose creates queue behind those renames and fsyncs); a large one goes to a
+        worker thread whole.  The file stays flock'd from the start and is handed to
+        the scheduler's first pass with its lock (relay.queue.fresh)."""
         if len(data) > LOOP_WRITE_MAX:
             return asyncio.ensure_future(asyncio.to_thread(self.store, envelope, data))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        head = msgfile.head_v1(envelope)
         target = self._mpath(envelope.id)
-        tmp = temp_name(target)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            done.set_exception(_spool_error(target, exc))
-            return done
-        try:
-            write_all(fd, (head, data))
-            stamp = _stamp(os.fstat(fd))
-            # Locked from the start and handed to the scheduler's first pass (lock()).
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            commit = self._committer.submit(fd, tmp, target)
-        except OSError as exc:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            done.set_exception(_spool_error(target, exc))
-            return done
+        chunks = (msgfile.head_v1(envelope), data)
+        commit = self._committer.create(temp_name(target), target, chunks)
 
-        def finish(commit: asyncio.Future[None]) -> None:
+        def finish(commit: asyncio.Future[int]) -> None:
             exc = commit.exception()
-            if exc is None:
-                self.fresh.remember(envelope, data, stamp, fd)  # fd (and lock) live on there
-                done.set_result(None)
+            if exc is not None:  # nothing of it is left (safeio.Committer.create)
+                assert isinstance(exc, OSError)
+                done.set_exception(_spool_error(target, exc))
                 return
-            os.close(fd)
-            # It failed before or after the rename; a target that already existed is
-            # another message (a queue id collision) and stays.
-            _unlink_quietly(*((tmp,) if isinstance(exc, FileExistsError) else (tmp, target)))
-            assert isinstance(exc, OSError)
-            done.set_exception(_spool_error(target, exc))
+            fd = commit.result()
+            self.fresh.remember(envelope, data, _stamp(os.fstat(fd)), fd)  # fd, lock live on
+            done.set_result(None)
 
         commit.add_done_callback(finish)
         return done
@@ -338,7 +292,7 @@ class Spool:
             try:
                 yield
             finally:
-                os.close(fd)
+                _release(fd)
             return
         # The message file is the lock target: never replaced while the message
         # exists (hold/release rename it, which keeps the inode and the lock).
@@ -357,7 +311,7 @@ class Spool:
                 ) from exc
             yield
         finally:
-            os.close(fd)
+            _release(fd)
 
     def quarantine(self, qid: str, held: bool, reason: str) -> None:
         """Move a damaged message's files aside; they are never deleted."""
@@ -386,6 +340,19 @@ class Spool:
                 except OSError:
                     continue
         return reached
+
+
+def _release(fd: int) -> None:
+    """Close a message's lock descriptor: at once, or, when the message was removed
+    meanwhile, in a background thread (that close frees the file: safeio.close_soon)."""
+    try:
+        removed = os.fstat(fd).st_nlink == 0
+    except OSError:
+        removed = False
+    if removed:
+        close_soon(fd)
+    else:
+        os.close(fd)
 
 
 def _stamp(st: os.stat_result) -> Stamp:
