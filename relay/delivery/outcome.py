@@ -42,6 +42,7 @@ class Decision:
     status: Status
     reason: str
     reply: str | None = None  # the MX's reply as sent ("550 5.1.1 text"), for DSNs
+    code: str | None = None  # RFC 3463 code decided here (no MX reply), e.g. 5.6.7
 
 
 @dataclass(frozen=True)

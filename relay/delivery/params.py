@@ -19,6 +19,10 @@ from relay.delivery.session import Target
 if TYPE_CHECKING:
     from relay.delivery.transaction import Transaction
 
+# RFC 6531 (the IANA registry's X.6.7): a UTF-8 address or header cannot go to a server
+# without SMTPUTF8; Postfix's "SMTPUTF8 is required, but was not offered" says the same.
+SMTPUTF8_NEEDED = "5.6.7"
+
 
 def _keyword(option: str) -> tuple[str, str]:
     key, _, value = option.partition("=")

@@ -109,6 +109,7 @@ class Progress:
                 session.tls,
                 decision.reply,
                 evidence,
+                status_code=decision.code,
                 next_hop_dsn=result.dsn,
                 cause=None if decision.status is Status.DELIVERED else Cause.REMOTE,
             )

@@ -24,7 +24,13 @@ from relay.body import Body
 from relay.config import DeliveryConfig
 from relay.delivery.downgrade import needs_8bitmime, to_7bit
 from relay.delivery.outcome import Decision, Status, decision_for, raw_reply, reply_text
-from relay.delivery.params import mail_options, needs_smtputf8, rcpt_options, size_problem
+from relay.delivery.params import (
+    SMTPUTF8_NEEDED,
+    mail_options,
+    needs_smtputf8,
+    rcpt_options,
+    size_problem,
+)
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.wiredata import command, pipelined, send_data
 
@@ -61,10 +67,15 @@ class TxResult:
 
 
 def _all(
-    result: TxResult, count: int, status: Status, reason: str, reply: str | None = None
+    result: TxResult,
+    count: int,
+    status: Status,
+    reason: str,
+    reply: str | None = None,
+    code: str | None = None,
 ) -> TxResult:
     for i in range(count):
-        result.decided.setdefault(i, Decision(status, reason, reply))
+        result.decided.setdefault(i, Decision(status, reason, reply, code))
     return result
 
 
@@ -92,12 +103,11 @@ async def transact(
         converted = await asyncio.to_thread(lambda: to_7bit(tx.data.whole()))
         if converted is None:  # 8-bit headers (SMTPUTF8's business) or an unparsable structure
             result.reusable = True
-            why = "8BITMIME and the message cannot be made 7-bit"
+            why, code = "8BITMIME and the message cannot be made 7-bit", None
             if needs_smtputf8(tx) and not smtp.supports_extension("smtputf8"):
-                why = "SMTPUTF8, which the message needs"  # name what really lacks
-            return _all(
-                result, count, Status.PERMANENT, f"destination lacks {why} ({target.label})"
-            )
+                why, code = "SMTPUTF8, which the message needs", SMTPUTF8_NEEDED
+            reason = f"destination lacks {why} ({target.label})"
+            return _all(result, count, Status.PERMANENT, reason, code=code)
         options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
         tx = dataclasses.replace(tx, mail_options=options, data=Body.of(converted))
         result.converted = True
@@ -106,7 +116,9 @@ async def transact(
     problem = opts if isinstance(opts, str) else size_problem(tx, smtp, target)
     if problem is not None or isinstance(opts, str):
         result.reusable = True  # nothing was sent
-        return _all(result, count, Status.PERMANENT, problem or "unsendable")
+        utf8 = needs_smtputf8(tx) and not smtp.supports_extension("smtputf8")
+        code = SMTPUTF8_NEEDED if utf8 and isinstance(opts, str) else None
+        return _all(result, count, Status.PERMANENT, problem or "unsendable", code=code)
     encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
     if smtp.supports_extension("pipelining"):
         await _pipelined(smtp, tx, opts, encoding, cfg, target, trace, result, reset)

@@ -425,7 +425,7 @@ async def test_smtputf8_needed_but_missing(
     for rcpt, data in (("ü@example.test", MESSAGE), ("a@example.test", utf8_header)):
         d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics())
         (outcome,) = await send(d, [rcpt], data=data, options=options)
-        assert outcome.status is Status.PERMANENT
+        assert outcome.status is Status.PERMANENT and outcome.status_code == "5.6.7"
         assert "destination lacks SMTPUTF8" in outcome.reason
     assert "MAIL" not in peer.verbs()
     d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics())
