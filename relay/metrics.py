@@ -77,7 +77,8 @@ class Metrics:
     """Every tls-relay metric.  One instance per process, made in app.py.
 
     A part built without one (unit tests) makes its own private instance, which
-    nobody scrapes: counting is then a harmless no-op.
+    nobody scrapes.  ``serve`` makes exactly one per process: in the multiprocess
+    mode a second one would write the same keys of the same files.
     """
 
     def __init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 from relay import certs
@@ -75,8 +76,8 @@ def warn_expiring(tls: ServerTls, metrics: Metrics) -> None:
         event(log, "certificate_expiring", logging.WARNING, warning=warning)
     for key, path in (("cert", tls.cert), ("rsa_cert", tls.rsa_cert)):
         until = certs.not_after(path) if path is not None else None
-        if until is not None:
-            metrics.cert_expiry.labels(certificate=key).set(until)
+        # A certificate no longer configured reads +Inf: never "about to expire".
+        metrics.cert_expiry.labels(certificate=key).set(math.inf if until is None else until)
 
 
 async def watch_certificates(tls: Callable[[], ServerTls], metrics: Metrics) -> None:

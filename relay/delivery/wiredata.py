@@ -83,7 +83,7 @@ async def send_data(
             if body.data is not None:
                 protocol.write(dot_stuff(body.data))
             else:
-                await _stream(smtp, protocol, body)
+                await _stream(smtp, protocol, body, timeout)
             reply = await protocol.read_response(timeout=timeout)
             if reply.code != 250:
                 raise SMTPDataError(reply.code, reply.message)
@@ -93,7 +93,9 @@ async def send_data(
         raise
 
 
-async def _stream(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, body: Body) -> None:
+async def _stream(
+    smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, body: Body, timeout: float
+) -> None:
     """The message from disk, dot-stuffed piece by piece.  Anything wrong on the way -
     a piece that is not CRLF-only, the file unreadable - closes the session before the
     end marker, so the server never takes a truncated or unsafe message."""
@@ -104,11 +106,15 @@ async def _stream(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, body: Body) -> 
             if not crlf_only(out):
                 raise OSError("message data is not CRLF-only")
             protocol.write(out)
-            await protocol._drain_helper()  # the transport has room again
-    except OSError as exc:
+            async with asyncio.timeout(timeout):  # an MX that stops reading
+                await protocol._drain_helper()  # the transport has room again
+        end = stuffer.end()
+        if not crlf_only(end):
+            raise OSError("message data is not CRLF-only")
+    except OSError as exc:  # TimeoutError included
         smtp.close()
         raise SMTPServerDisconnected(f"message data could not be sent: {exc}") from exc
-    protocol.write(stuffer.end())
+    protocol.write(end)
 
 
 def command(verb: bytes, path: str, params: list[str], encoding: str) -> bytes:

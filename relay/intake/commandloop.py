@@ -260,27 +260,30 @@ class CommandLoop(SMTP):
     def tls_info(self) -> tuple[str, str, int] | None:
         return self._tls
 
-    async def _hello_refused(self, plain: asyncio.Transport, timeout: float) -> bool:
-        """Whether the client's ClientHello was refused with an alert (relay.intake.hello);
-        then, or when none came in time, the session is closed."""
+    async def _hello_refused(self, plain: asyncio.Transport, timeout: float) -> float | None:
+        """None when the client's ClientHello was refused with an alert (relay.intake.hello)
+        or none came in time (the session is then closed); else the seconds left of
+        *timeout* for the handshake."""
         assert self.hello_gate is not None
         fd = plain.get_extra_info("socket").fileno()
         sock = socket.socket(fileno=os.dup(fd))  # the transport's own fd is not ours to poll
+        started = self.loop.time()
         try:
             async with asyncio.timeout(timeout):
                 refusal = await hello.screen(sock, self.hello_gate)
+            if refusal is not None:
+                refusal.send(sock)
         except TimeoutError as error:
             self._handshake_failed(error)
             self._abort()
-            return True
+            return None
         finally:
             sock.close()
         if refusal is None:
-            return False
-        plain.write(refusal.alert)
+            return max(timeout - (self.loop.time() - started), 0.1)
         self._handshake_failed(hello.HelloRefused(refusal.reason))
-        self._abort()  # close() sends what is written first
-        return True
+        self._abort()
+        return None
 
     # -- STARTTLS (RFC 3207) -------------------------------------------------------------
     async def _start_tls(self, handshake_timeout: float) -> asyncio.BaseTransport | None:
@@ -297,8 +300,11 @@ class CommandLoop(SMTP):
         assert plain is not None and self.tls_context is not None
         plain.pause_reading()  # the ClientHello stays in the socket, for the gate and TLS
         await self.push("220 2.0.0 Ready to start TLS")
-        if self.hello_gate is not None and await self._hello_refused(plain, handshake_timeout):
-            return None
+        if self.hello_gate is not None:
+            left = await self._hello_refused(plain, handshake_timeout)
+            if left is None:
+                return None
+            handshake_timeout = left
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
             tls = await self.loop.start_tls(

@@ -21,6 +21,8 @@ Not: the handshake itself, or anything after it (the event loop's TLS transport)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import socket
 import ssl
 import struct
@@ -55,6 +57,15 @@ class HelloRefused(ConnectionError):
 class Refusal:
     alert: bytes  # one TLS alert record, fatal
     reason: str  # for the log
+    seen: int = 0  # octets the client sent that were looked at (and are still unread)
+
+    def send(self, sock: socket.socket) -> None:
+        """Take what was looked at off the socket, then the alert and our FIN: closing
+        with unread data would send a reset, which may overtake the alert."""
+        with contextlib.suppress(OSError):
+            sock.recv(self.seen, socket.MSG_DONTWAIT)
+            sock.send(self.alert)
+            sock.shutdown(socket.SHUT_WR)
 
 
 def parse(data: bytes) -> ClientHello | None:
@@ -203,5 +214,7 @@ def _may_grow(data: bytes) -> bool:
 
 async def screen(sock: socket.socket, gate: HelloGate) -> Refusal | None:
     """The refusal for what the client on *sock* sent first, if its handshake cannot work."""
-    hello = parse(await peek(sock))
-    return gate.refusal(hello) if hello is not None else None
+    data = await peek(sock)
+    hello = parse(data)
+    refusal = gate.refusal(hello) if hello is not None else None
+    return dataclasses.replace(refusal, seen=len(data)) if refusal is not None else None

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from relay import config
@@ -94,11 +94,13 @@ class Intake:
             return refusal
         server.phase = Phase.STORING
         spooled = self._envelope(server, envelope, got)
+        # Shielded, and waited for by stop(): once storing began it finishes even if
+        # the client goes away, and a message that reached the disk is announced.
+        task = asyncio.ensure_future(self._durable(got, spooled))
+        self.storing.add(task)
+        task.add_done_callback(lambda done: self._stored(done, spooled))
         try:
-            await got.finish()
-            spooled.size = got.size
-            data = got.data()
-            await self._store(spooled, data if data is not None else got.commit(spooled))
+            await asyncio.shield(task)
         except SpoolFullError as exc:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
             self._metrics.rejected.labels(reason="spool_full").inc()
@@ -107,8 +109,6 @@ class Intake:
             event(log, "spool_failed", logging.ERROR, queue_id=spooled.id, error=exc)
             self._metrics.rejected.labels(reason="spool_error").inc()
             return str(replies.SPOOL_FAILED)
-        finally:
-            got.abort()  # a no-op once stored
         server.messages += 1
         self._metrics.accepted.inc()
         return f"250 2.0.0 Ok: queued as {spooled.id}"
@@ -144,17 +144,21 @@ class Intake:
             size=got.size,
         )
 
-    async def _store(self, spooled: QueueEnvelope, data: bytes | Coroutine[Any, Any, None]) -> None:
-        """*data* in memory (one write), or the commit of the file it was streamed to.
-        Shielded: once the write started it finishes even if the client disconnects,
-        and a message that reached the disk is always announced to the scheduler."""
-        if isinstance(data, bytes):
-            task = self._spool.store_soon(spooled, data)
-        else:
-            task = asyncio.ensure_future(data)
-        self.storing.add(task)
-        task.add_done_callback(lambda done: self._stored(done, spooled))
-        await asyncio.shield(task)
+    async def _durable(self, got: Reception, spooled: QueueEnvelope) -> None:
+        """The rest of the data written, then the message made durable: in one write
+        when it was kept in memory, else the streamed file committed.  SpoolError (or
+        SpoolFullError) when that failed; then nothing of it is left."""
+        try:
+            await got.finish()
+            spooled.size = got.size
+            data = got.data()
+            if data is not None:
+                await self._spool.store_soon(spooled, data)
+            else:
+                await got.commit(spooled)  # raises what went wrong while streaming, too
+        except BaseException:
+            got.abort()
+            raise
 
     def _stored(self, task: asyncio.Future[None], spooled: QueueEnvelope) -> None:
         self.storing.discard(task)
@@ -293,8 +297,7 @@ class Listener:
             async with asyncio.timeout(timeout):  # the ClientHello, looked at first
                 refusal = await hello.screen(conn, self._settings.hello_gate)
             if refusal is not None:  # the handshake cannot work: say so with an alert
-                with contextlib.suppress(OSError):
-                    conn.send(refusal.alert)
+                refusal.send(conn)
                 raise HelloRefused(refusal.reason)
             left = max(timeout - (loop.time() - started), 0.1)
             await loop.connect_accepted_socket(

@@ -98,8 +98,11 @@ class Reception:
             await self._flush()
 
     def data(self) -> bytes | None:
-        """The whole message, when it was kept in memory (else None: it is on disk)."""
-        return b"".join(self._pending) if self._incoming is None else None
+        """The whole message, when it was kept in memory; None when it is on disk, or
+        when a write failed (then :meth:`commit` raises what went wrong)."""
+        if self._incoming is not None or self.error is not None:
+            return None
+        return b"".join(self._pending)
 
     async def commit(self, envelope: QueueEnvelope) -> None:
         """Make the message on disk a message with *envelope* (SpoolError if not)."""

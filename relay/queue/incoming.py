@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Sequence
 
@@ -37,6 +38,9 @@ class Incoming:
         self._committing = False
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # Locked until commit() ends: a rescan that sees the renamed file before its
+            # directory fsync succeeded must not deliver what the client may get 451 for.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             write_all(self._fd, (msgfile.header_v2(0),))  # filled in by commit()
         except OSError as exc:
             self._discard(self.tmp)

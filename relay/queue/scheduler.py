@@ -127,9 +127,11 @@ class Scheduler:
         """Seconds since the oldest message scheduled here arrived (queue ids start
         with the arrival time, relay.queue.spool.Spool.new_id); 0 when none is."""
         oldest = min(min(self._due, default="~"), min(self._active, default="~"))
-        if oldest == "~":
+        try:
+            arrived = int(oldest[:13], 16) / 1_000_000
+        except ValueError:  # empty ("~"), or a file named by hand
             return 0.0
-        return max(0.0, self.clock() - int(oldest[:13], 16) / 1_000_000)
+        return max(0.0, self.clock() - arrived)
 
     @property
     def busy(self) -> bool:

@@ -9,8 +9,10 @@ import os
 
 import pytest
 
+from relay.errors import SpoolFullError
 from relay.intake.reception import HEADER_LIMIT, MEMORY_MAX
 from relay.queue import msgfile
+from relay.queue.incoming import Incoming
 from tests.fixtures.intake import Harness, IntakeFactory
 from tests.fixtures.rawsmtp import session
 
@@ -110,4 +112,30 @@ async def test_bare_lf_deep_in_a_large_message_is_refused(intake: IntakeFactory)
     data = body(4 * MIB) + b"bare\nline\r\n"
     code, text = await asyncio.to_thread(send, h, data)
     assert code == 550 and text.startswith("5.6.0")
+    assert os.listdir(h.spool.queue_dir) == []
+
+
+@pytest.mark.parametrize("where", ["creating the file", "the first write"])
+async def test_a_spool_failure_while_streaming_is_452_never_250(
+    intake: IntakeFactory, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The review's H1: a failed first flush once left the data empty and stored the
+    envelope alone, with a 250."""
+    h = await intake(limits={"max_message_size": 64 * MIB})
+    full = SpoolFullError("cannot write: No space left on device")
+    if where == "creating the file":
+
+        def refuse(qid: str) -> Incoming:
+            raise full
+
+        monkeypatch.setattr(h.spool, "receive", refuse)
+    else:
+
+        async def fail(self: Incoming, pieces: object) -> None:
+            raise full
+
+        monkeypatch.setattr(Incoming, "write", fail)
+    code, text = await asyncio.to_thread(send, h, body(4 * MIB))
+    assert (code, text) == (452, "4.3.1 Insufficient system storage")
+    assert h.spool.ids() == [] and h.queued == []
     assert os.listdir(h.spool.queue_dir) == []
