@@ -70,8 +70,14 @@ var/certs/cert.pem: | $(STAMP)
 run: $(STAMP) var/certs/cert.pem
 	$(BIN)/tls-relay serve -c $(CONFIG)
 
+# The tests run in TEST_WORKERS pytest-xdist processes (0: serially, in this one).  Most of
+# their time is spent waiting on subprocesses (the relay, Postfix, nsd/unbound), so 4 fit
+# on 2 cores; worksteal lets an idle worker take queued tests from a busy one, so the slow
+# e2e files do not pile up on one worker.
+TEST_WORKERS ?= 4
+
 test: $(STAMP) $(CHECKOV_STAMP) deps $(EXIM_STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(BIN)/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist worksteal
 
 # `make check` is what CI runs (.ci/run): lint and types, then the tests.
 check: lint test

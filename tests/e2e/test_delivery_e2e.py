@@ -40,6 +40,7 @@ pytestmark = [
 BAD_HOST = "127.0.0.2"  # attack peers; Postfix listens on 127.0.0.1 only
 SENDER_DOMAIN = "sender.test"  # routed (by MX) back to Postfix, so DSNs can be read
 SETTLE = 3.0  # seconds to wait for something that must NOT happen
+LOG_WAIT = 10.0  # seconds to wait for a relay log line that must come
 
 
 # ---- helpers -------------------------------------------------------------------------
@@ -86,14 +87,20 @@ def swaks(
 
 
 def delivery_lines(proc: RelayProcess, **fields: str) -> list[str]:
-    """The relay's `delivery` log lines whose key=value fields match *fields*."""
-    out = []
-    for line in proc.log_text().splitlines():
-        if " delivery " not in line:
-            continue
-        if all(re.search(rf"\b{key}={re.escape(val)}(\s|$)", line) for key, val in fields.items()):
-            out.append(line)
-    return out
+    """The relay's `delivery` log lines whose key=value fields match *fields*, once there
+    is one (bounded wait): Postfix can store a message before the relay, under load,
+    has logged the 250 it got for it."""
+    deadline = time.monotonic() + LOG_WAIT
+    while True:
+        out = [
+            line
+            for line in proc.log_text().splitlines()
+            if " delivery " in line
+            and all(re.search(rf"\b{k}={re.escape(v)}(\s|$)", line) for k, v in fields.items())
+        ]
+        if out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
 
 
 def deferred(proc: RelayProcess) -> dict[str, Any] | None:
