@@ -232,6 +232,13 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
         Listener(cfg, spec, spool, passwords, app.on_queued, context, gate, metrics, sock=sock)
         for spec, sock in zip(cfg.listeners, sockets, strict=True)
     ]
+    observe(app, worker)
+    return app
+
+
+def observe(app: App, worker: workers.Worker | None) -> None:
+    """The gauges' sources, readiness, and the metrics endpoint where one is configured."""
+    metrics, gate, scheduler, spool, cfg = app.metrics, app.gate, app.scheduler, app.spool, app.cfg
     metrics.track(metrics.connections_active, lambda: gate.connections)
     metrics.track(metrics.queue_messages, lambda: scheduler.queued)
     metrics.track(metrics.queue_oldest, scheduler.oldest_age)
@@ -245,7 +252,6 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
             ready=app.readiness.problem,
             sock=worker.metrics_socket if worker is not None else None,
         )
-    return app
 
 
 def new_deliverer(

@@ -95,6 +95,16 @@ class Metrics:
         def gauge(name: str, text: str, mode: Any, labels: Sequence[str] = ()) -> Gauge:
             return pc.Gauge(name, text, labels, registry=self.registry, multiprocess_mode=mode)
 
+        self._counters(counter)
+        self._gauges(gauge)
+        for outcome in ("delivered", "deferred", "bounced"):
+            self.deliveries.labels(outcome=outcome)  # all three show from the first scrape
+        for reason in DEFER_REASONS:
+            self.deferrals.labels(reason=reason)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result=result)
+
+    def _counters(self, counter: Callable[..., Counter]) -> None:
         self.sessions = counter(
             "tls_relay_sessions_total", "SMTP sessions admitted, per listener.", ("listener",)
         )
@@ -149,13 +159,6 @@ class Metrics:
             "SIGHUP reloads per result (ok, failed); with workers, one per worker.",
             ("result",),
         )
-        self._gauges(gauge)
-        for outcome in ("delivered", "deferred", "bounced"):
-            self.deliveries.labels(outcome=outcome)  # all three show from the first scrape
-        for reason in DEFER_REASONS:
-            self.deferrals.labels(reason=reason)
-        for result in ("ok", "failed"):
-            self.reloads.labels(result=result)
 
     def _gauges(self, gauge: Callable[..., Gauge]) -> None:
         self.queue_messages = gauge(

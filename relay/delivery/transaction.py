@@ -79,6 +79,25 @@ def _all(
     return result
 
 
+async def _seven_bit(
+    tx: Transaction, smtp: aiosmtplib.SMTP, target: Target, result: TxResult
+) -> Transaction | TxResult:
+    """RFC 6152 §3: the message converted to 7 bit for a server without 8BITMIME, as
+    Postfix does (the one step that needs the whole message in memory; in a worker
+    thread); or every recipient refused when it cannot be."""
+    converted = await asyncio.to_thread(lambda: to_7bit(tx.data.whole()))
+    if converted is None:  # 8-bit headers (SMTPUTF8's business) or an unparsable structure
+        result.reusable = True
+        why, code = "8BITMIME and the message cannot be made 7-bit", None
+        if needs_smtputf8(tx) and not smtp.supports_extension("smtputf8"):
+            why, code = "SMTPUTF8, which the message needs", SMTPUTF8_NEEDED
+        reason = f"destination lacks {why} ({target.label})"
+        return _all(result, len(tx.recipients), Status.PERMANENT, reason, code=code)
+    options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
+    result.converted = True
+    return dataclasses.replace(tx, mail_options=options, data=Body.of(converted))
+
+
 async def transact(
     session: OutboundSession,
     tx: Transaction,
@@ -98,19 +117,10 @@ async def transact(
         result.session_error = f"refusing MAIL to {target.label}: the session is not TLS"
         return result
     if needs_8bitmime(tx.mail_options, tx.data) and not smtp.supports_extension("8bitmime"):
-        # RFC 6152 §3: convert to 7 bit for a server without 8BITMIME, as Postfix does
-        # (the one step that needs the whole message in memory; in a worker thread).
-        converted = await asyncio.to_thread(lambda: to_7bit(tx.data.whole()))
-        if converted is None:  # 8-bit headers (SMTPUTF8's business) or an unparsable structure
-            result.reusable = True
-            why, code = "8BITMIME and the message cannot be made 7-bit", None
-            if needs_smtputf8(tx) and not smtp.supports_extension("smtputf8"):
-                why, code = "SMTPUTF8, which the message needs", SMTPUTF8_NEEDED
-            reason = f"destination lacks {why} ({target.label})"
-            return _all(result, count, Status.PERMANENT, reason, code=code)
-        options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
-        tx = dataclasses.replace(tx, mail_options=options, data=Body.of(converted))
-        result.converted = True
+        seven = await _seven_bit(tx, smtp, target, result)
+        if isinstance(seven, TxResult):
+            return seven
+        tx = seven
     result.dsn = smtp.supports_extension("dsn")
     opts = mail_options(tx, smtp, target)
     problem = opts if isinstance(opts, str) else size_problem(tx, smtp, target)
