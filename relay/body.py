@@ -36,10 +36,10 @@ class Body:
         return cls(len(data), _head(data), not data.isascii(), data=data)
 
     @classmethod
-    def on_disk(cls, path: str, offset: int, size: int) -> Body:
-        """The data of a message file, read once here for its head and 8-bit octets
-        (blocking: call it off the event loop)."""
-        eight_bit, head = False, b""
+    def on_disk(cls, path: str, offset: int, size: int, eight_bit: bool | None = None) -> Body:
+        """The data of a message file, read here for its head, and for its 8-bit octets
+        unless *eight_bit* is known (blocking: call it off the event loop)."""
+        found, head = False, b""
         with open(path, "rb") as fh:
             fh.seek(offset)
             left = size
@@ -49,9 +49,11 @@ class Body:
                     raise OSError(f"{path}: message data is truncated")
                 if len(head) < HEAD_MAX and not head.endswith(b"\r\n\r\n"):
                     head = _head(head + piece[: HEAD_MAX - len(head)])
-                eight_bit = eight_bit or not piece.isascii()
+                elif eight_bit is not None:
+                    break  # the head is complete and the rest is not needed now
+                found = found or not piece.isascii()
                 left -= len(piece)
-        return cls(size, head, eight_bit, path=path, offset=offset)
+        return cls(size, head, found if eight_bit is None else eight_bit, path=path, offset=offset)
 
     def whole(self) -> bytes:
         """All of it (blocking for a message on disk: call it off the event loop)."""

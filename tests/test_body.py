@@ -44,3 +44,13 @@ async def test_on_disk_reads_in_pieces(tmp_path: Path) -> None:
     path.write_bytes(b"HEADER" + data[:100])  # cut short behind our back
     with pytest.raises(OSError, match="truncated"):
         _ = [piece async for piece in body.pieces()]
+
+
+def test_on_disk_with_the_8_bit_flag_known_reads_only_the_head(tmp_path: Path) -> None:
+    data = b"Subject: x\r\n\r\n" + b"a" * (3 * CHUNK)
+    path = tmp_path / "m"
+    path.write_bytes(data[: CHUNK + 10])  # the rest is missing: never read
+    body = Body.on_disk(str(path), 0, len(data), eight_bit=True)
+    assert body.eight_bit and body.head == b"Subject: x\r\n\r\n"
+    with pytest.raises(OSError, match="truncated"):
+        Body.on_disk(str(path), 0, len(data))  # unknown: every octet is looked at

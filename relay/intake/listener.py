@@ -155,6 +155,7 @@ class Intake:
             if data is not None:
                 await self._spool.store_soon(spooled, data)
             else:
+                spooled.eight_bit = got.eight_bit  # spares each delivery pass a full read
                 await got.commit(spooled)  # raises what went wrong while streaming, too
         except BaseException:
             got.abort()

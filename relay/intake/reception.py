@@ -38,6 +38,7 @@ class Reception:
         self.qid = qid
         self.info = info
         self.size = 0  # octets of the message as it will be stored
+        self.eight_bit = False  # some octet of it is above 127
         self.header_too_large = False
         self.error: SpoolError | None = None  # the spool refused a write: keep nothing
         self._head: bytearray | None = bytearray()  # None once the header block is done
@@ -77,6 +78,7 @@ class Reception:
         self._pending.append(piece)
         self._pending_size += len(piece)
         self.size += len(piece)
+        self.eight_bit = self.eight_bit or not piece.isascii()
         if self.size > MEMORY_MAX and self._pending_size >= FLUSH:
             await self._flush()
 

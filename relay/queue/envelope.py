@@ -98,6 +98,9 @@ class QueueEnvelope:
     size: int = 0
     bounce: bool = False  # this message is itself a DSN
     warned: bool = False  # a delay warning was sent
+    # Whether any data octet is 8-bit; known (and stored) only for a message streamed to
+    # disk (layout 2): delivery then need not read all of it to find out.
+    eight_bit: bool | None = None
     held: bool = False  # derived from where the envelope sits; not serialised
 
     @property
@@ -109,6 +112,8 @@ class QueueEnvelope:
         # for every accepted message.  test_spool round-trips every field.
         raw = dict(vars(self))
         raw.pop("held")
+        if raw["eight_bit"] is None:
+            raw.pop("eight_bit")  # layout 1 envelopes stay as older releases read them
         raw["recipients"] = [
             {**vars(r), "history": [vars(a) for a in r.history]} for r in self.recipients
         ]

@@ -337,4 +337,4 @@ class Scheduler:
         env = self.spool.load(qid)
         if env.held or not due_recipients(env, now):
             return env, Body.of(b"")
-        return env, self.spool.body(qid)
+        return env, self.spool.body(qid, env.eight_bit)

@@ -251,9 +251,10 @@ class Spool:
         except FileNotFoundError as exc:
             raise MessageNotFound(f"no such message: {qid}") from exc
 
-    def body(self, qid: str) -> Body:
+    def body(self, qid: str, eight_bit: bool | None = None) -> Body:
         """The data of *qid* for delivery: read whole up to LOAD_WHOLE octets, else left
-        on disk and read in pieces when sent (relay.body).  Blocking."""
+        on disk and read in pieces when sent (relay.body); *eight_bit* as the envelope
+        says it, when it does.  Blocking."""
         path, _ = self._find(qid)
         try:
             with path.open("rb") as fh:
@@ -262,7 +263,7 @@ class Spool:
                     return Body.of(msgfile.read_data(fh, layout))
         except FileNotFoundError as exc:
             raise MessageNotFound(f"no such message: {qid}") from exc
-        return Body.on_disk(str(path), layout.data_offset, layout.data_length)
+        return Body.on_disk(str(path), layout.data_offset, layout.data_length, eight_bit)
 
     def ids(self, held: bool = False) -> list[str]:
         folder = self.hold_dir if held else self.queue_dir

@@ -60,6 +60,7 @@ async def test_a_large_message_is_streamed_to_disk_and_stored_intact(
     assert b"\r\nMessage-ID: <" in stored[: stored.index(b"\r\n\r\n")]
     env = h.spool.load(qid)
     assert env.size == len(stored) and h.queued == [qid]
+    assert env.eight_bit is False  # known for a streamed message: delivery need not scan it
     found = layout(h, qid)
     assert found.data_offset == msgfile.V2_HEADER_LEN and found.data_length == len(stored)
     assert not [n for n in os.listdir(h.spool.queue_dir) if n.startswith(".")]
@@ -69,15 +70,17 @@ async def test_a_small_message_stays_on_the_one_write_path(intake: IntakeFactory
     h = await intake()
     code, text = await asyncio.to_thread(send, h, body(MEMORY_MAX // 2))
     assert code == 250
-    found = layout(h, text.rsplit(" ", 1)[1])
+    qid = text.rsplit(" ", 1)[1]
+    found = layout(h, qid)
     assert found.data_offset > msgfile.V2_HEADER_LEN  # layout 1: the envelope comes first
+    assert b"eight_bit" not in found.envelope  # as older releases wrote it
 
 
 @pytest.mark.parametrize("shape", ["short lines", "one header line per field"])
 async def test_odd_shapes_are_stored_byte_for_byte(intake: IntakeFactory, shape: str) -> None:
     h = await intake(limits={"max_message_size": 64 * MIB})
     if shape == "short lines":
-        data = b"Subject: s\r\n\r\n" + b"a\r\n" * (3 * MIB // 3)
+        data = b"Subject: s\r\n\r\n" + b"a\r\n" * (3 * MIB // 3) + b"\xc3\xa4\r\n"
     else:
         data = b"".join(b"X-H%d: v\r\n" % n for n in range(HEADER_LIMIT // 28)) + b"\r\nb\r\n"
     code, text = await asyncio.to_thread(send, h, data)
@@ -86,6 +89,8 @@ async def test_odd_shapes_are_stored_byte_for_byte(intake: IntakeFactory, shape:
     blank = data.index(b"\r\n\r\n")
     assert data[: blank + 2] in stored  # the header fields as sent, then ours
     assert stored.endswith(data[blank:])
+    env = h.spool.load(text.rsplit(" ", 1)[1])
+    assert env.eight_bit is (shape == "short lines")  # only that one has an 8-bit line
 
 
 async def test_a_header_block_past_the_limit_is_refused(intake: IntakeFactory) -> None:
