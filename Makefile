@@ -71,7 +71,7 @@ run: $(STAMP) var/certs/cert.pem
 	$(BIN)/tls-relay serve -c $(CONFIG)
 
 # The tests run in TEST_WORKERS pytest-xdist processes (0: serially, in this one).  Most of
-# their time is spent waiting on subprocesses (the relay, Postfix, nsd/unbound), so 4 fit
+# their time is spent waiting on subprocesses (the relay, Postfix, Exim, nsd/unbound), so 4 fit
 # on 2 cores; worksteal lets an idle worker take queued tests from a busy one, so the slow
 # e2e files do not pile up on one worker.
 TEST_WORKERS ?= 4
