@@ -267,23 +267,14 @@ class CommandLoop(SMTP):
         assert self.hello_gate is not None
         fd = plain.get_extra_info("socket").fileno()
         sock = socket.socket(fileno=os.dup(fd))  # the transport's own fd is not ours to poll
-        started = self.loop.time()
         try:
-            async with asyncio.timeout(timeout):
-                refusal = await hello.screen(sock, self.hello_gate)
-            if refusal is not None:
-                refusal.send(sock)
-        except TimeoutError as error:
+            return await hello.screen(sock, self.hello_gate, timeout)
+        except OSError as error:  # HelloRefused (the alert is sent) or TimeoutError
             self._handshake_failed(error)
             self._abort()
             return None
         finally:
             sock.close()
-        if refusal is None:
-            return max(timeout - (self.loop.time() - started), 0.1)
-        self._handshake_failed(hello.HelloRefused(refusal.reason))
-        self._abort()
-        return None
 
     # -- STARTTLS (RFC 3207) -------------------------------------------------------------
     async def _start_tls(self, handshake_timeout: float) -> asyncio.BaseTransport | None:

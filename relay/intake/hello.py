@@ -212,9 +212,17 @@ def _may_grow(data: bytes) -> bool:
     return data[0] == HANDSHAKE and len(data) < PEEK_MAX
 
 
-async def screen(sock: socket.socket, gate: HelloGate) -> Refusal | None:
-    """The refusal for what the client on *sock* sent first, if its handshake cannot work."""
-    data = await peek(sock)
+async def screen(sock: socket.socket, gate: HelloGate, timeout: float) -> float:
+    """Look at what the client on *sock* sent first, within *timeout* seconds, and
+    return the seconds left of it for the handshake.  When the handshake cannot work,
+    send the alert and raise HelloRefused; TimeoutError when nothing came in time."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(timeout):
+        data = await peek(sock)
     hello = parse(data)
     refusal = gate.refusal(hello) if hello is not None else None
-    return dataclasses.replace(refusal, seen=len(data)) if refusal is not None else None
+    if refusal is not None:
+        dataclasses.replace(refusal, seen=len(data)).send(sock)
+        raise HelloRefused(refusal.reason)
+    return max(timeout - (loop.time() - started), 0.1)

@@ -28,7 +28,7 @@ from relay.intake import hello, message, replies
 from relay.intake.auth import PasswordChecker
 from relay.intake.datareader import DataProblem
 from relay.intake.gate import Gate, client_address
-from relay.intake.hello import HelloGate, HelloRefused
+from relay.intake.hello import HelloGate
 from relay.intake.reception import Reception
 from relay.intake.session import IntakeEnvelope, Phase, RelaySMTP
 from relay.intake.settings import SessionSettings, log_handshake_failure
@@ -294,13 +294,9 @@ class Listener:
 
         loop = asyncio.get_running_loop()
         try:
-            started = loop.time()
-            async with asyncio.timeout(timeout):  # the ClientHello, looked at first
-                refusal = await hello.screen(conn, self._settings.hello_gate)
-            if refusal is not None:  # the handshake cannot work: say so with an alert
-                refusal.send(conn)
-                raise HelloRefused(refusal.reason)
-            left = max(timeout - (loop.time() - started), 0.1)
+            # The ClientHello, looked at first: HelloRefused (after the alert) when the
+            # handshake cannot work; logged below like any failed handshake.
+            left = await hello.screen(conn, self._settings.hello_gate, timeout)
             await loop.connect_accepted_socket(
                 session, conn, ssl=self._settings.ssl_context, ssl_handshake_timeout=left
             )
