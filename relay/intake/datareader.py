@@ -55,7 +55,6 @@ class DataScanner:
         self.problem = DataProblem.NONE
         self.done = False
         self.size = 0  # content octets passed on (or that would have been)
-        self.eight_bit = False  # some octet above 127 (RFC 6152)
         self._buf = bytearray(b"\r\n")
         self._virtual = True  # the buffer still starts with the virtual CRLF
         self._line = 0  # octets of the current, unfinished line seen so far
@@ -98,7 +97,6 @@ class DataScanner:
             self.problem = DataProblem.TOO_BIG
         if self.problem is not DataProblem.NONE:
             return b""
-        self.eight_bit = self.eight_bit or not piece.isascii()
         return piece
 
     def _check(self, region: bytes) -> None:

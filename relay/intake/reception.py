@@ -9,8 +9,9 @@ passes everything on.  A message that stays within MEMORY_MAX is kept in memory 
 stored in one write (``Spool.store_soon``, the fast path); past that, it goes to the
 spool file as it arrives (``Spool.receive``, relay.queue.incoming), a FLUSH at a
 time, so intake memory does not grow with message size.  Nothing becomes a message
-before :meth:`Reception.store` succeeded: an abort (client gone, bad data, shutdown)
-leaves nothing behind.
+before ``store_soon`` or :meth:`Reception.commit` succeeded: an abort (client gone,
+bad data, shutdown) leaves nothing behind.  It also notes whether any octet is 8-bit,
+which the envelope of a streamed message keeps for delivery.
 Not: reading the wire (relay.intake.datareader), replies (relay.intake.listener).
 """
 
