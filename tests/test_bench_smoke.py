@@ -136,7 +136,7 @@ def test_proc_tree_accounting_sees_this_process() -> None:
 
 
 async def test_loadgen_to_sink_over_starttls(tmp_path: Path) -> None:
-    cert, key = certs.self_signed(tmp_path / "certs")
+    cert, key = certs.make_cert(tmp_path / "certs")
     stats = sink.Stats()
     ctx = sink.server_context(str(cert), str(key))
     loop = asyncio.get_running_loop()
@@ -216,7 +216,7 @@ def _args(port: int, out: Path, *extra: str) -> Any:
 async def test_shapes_without_pipelining_reach_the_sink_while_probed(tmp_path: Path) -> None:
     """Every message shape, non-pipelining, into a sink without PIPELINING, with the
     NOOP probe on its own session alongside: all counted, round trips recorded."""
-    cert, key = certs.self_signed(tmp_path / "certs")
+    cert, key = certs.make_cert(tmp_path / "certs")
     stats = sink.Stats()
     server = await _server(stats, cert, key, pipelining=False)
     port = server.sockets[0].getsockname()[1]
