@@ -1,12 +1,14 @@
 """py-spy around one relay run (``python -m bench.run --profile``): where the time goes.
 
 Role: start ``py-spy record`` on the SUT's root (all subprocesses, raw collapsed stacks,
-100 Hz), stop it with SIGINT, and summarize the stacks: share of samples by thread kind,
-per leaf function (self) and per function anywhere on the stack (total).
+``--profile-rate`` Hz, C frames too with ``--profile-native``), stop it with SIGINT, and
+summarize the stacks: share of samples by thread kind, per leaf function (self) and per
+function anywhere on the stack (total).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -16,7 +18,9 @@ from typing import Any
 from bench.systems import PY, taskset
 
 
-def start(pid: int, wd: Path, cpu: int | None) -> subprocess.Popen[bytes] | None:
+def start(
+    pid: int, wd: Path, cpu: int | None, ctx: argparse.Namespace
+) -> subprocess.Popen[bytes] | None:
     exe = Path(PY).parent / "py-spy"
     if not exe.exists():
         return None
@@ -28,8 +32,9 @@ def start(pid: int, wd: Path, cpu: int | None) -> subprocess.Popen[bytes] | None
         "--format",
         "raw",
         "--rate",
-        "100",
-        "--nonblocking",
+        str(ctx.profile_rate),
+        # --native must stop the process for each sample; else py-spy need not
+        *(["--native"] if ctx.profile_native else ["--nonblocking"]),
         "--subprocesses",
         "--output",
         str(wd / "pyspy.txt"),

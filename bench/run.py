@@ -83,7 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run tls-relay serve with the relay package from this directory (its"
         " PYTHONPATH), e.g. `git archive REV relay | tar -x -C DIR`: a baseline",
     )
-    p.add_argument("--profile", action="store_true", help="extra relay 2k run under py-spy")
+    p.add_argument("--profile", action="store_true", help="extra relay run under py-spy")
+    p.add_argument("--profile-size", default="2k", help="its message size (as --sizes)")
+    p.add_argument(
+        "--profile-msgs", type=int, default=None, help="messages per connection of that run"
+    )
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="min s to wait at the sink")
     p.add_argument("--run-timeout", type=float, default=300.0, help="bound on one load run")
     p.add_argument("--keep", action="store_true", help="keep every run's work directory")
@@ -215,7 +221,9 @@ def execute(args: argparse.Namespace, systems: list[str], started: float) -> dic
     if "shapes" in sc and "relay" in systems:
         out["shapes"] = shapes.run(args, args.shapes.split(","), place, started)
     if args.profile and "relay" in systems:
-        pr = run_one(args, "relay", SIZES["2k"], place, 99, profile=True)
+        load = SIZES[args.profile_size]
+        load = dataclasses.replace(load, msgs=args.profile_msgs or load.msgs)
+        pr = run_one(args, "relay", load, place, 99, profile=True)
         out["profile"] = pr.get("profile") or {"error": pr.get("error")}
     return out
 
@@ -256,7 +264,7 @@ def render(args: argparse.Namespace, got: dict[str, Any], info: dict[str, Any]) 
     text += modes.report(results, args.place) if "modes" in args.scenarios else []
     text += memory.report(got["memory"], args.place)
     text += shapes.report(got["shapes"], args.place)
-    return text + pyspy_lines(got["profile"])
+    return text + pyspy_lines(got["profile"], args.profile_size)
 
 
 def notes(got: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
@@ -272,12 +280,12 @@ def notes(got: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     return text if len(text) > 1 else []
 
 
-def pyspy_lines(profile: dict[str, Any] | None) -> list[str]:
+def pyspy_lines(profile: dict[str, Any] | None, size: str) -> list[str]:
     if not profile:
         return []
     return [
         "",
-        "py-spy, relay 2 KiB (wall-clock samples of non-idle threads; fsync counts):",
+        f"py-spy, relay {size} (wall-clock samples of non-idle threads; fsync counts):",
         "  " + ", ".join(f"{k} {p:.0f}%" for k, p in profile.get("by_thread_pct", [])),
         *(f"  {p:5.1f}%  {f}" for f, p in profile.get("self_pct", [])[:15]),
     ]

@@ -209,7 +209,8 @@ class Run:
             )
             self.sampler.start()
             if self.profile:
-                self.spy = pyspy.start(root, self.wd, min(self.cpu_h) if self.cpu_h else None)
+                cpu = min(self.cpu_h) if self.cpu_h else None
+                self.spy = pyspy.start(root, self.wd, cpu, self.ctx)
         if self.load.probe:
             self.probe = Probe(port, self.cpu_h, self.wd, self.ctx.run_timeout + 700)
             self.probe.start()
