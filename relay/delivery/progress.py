@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from relay.config import PolicyConfig, TlsLevel
 from relay.delivery.outcome import Cause, Evidence, Outcome, Status
 from relay.delivery.session import OutboundSession, Target, Trace
-from relay.delivery.transaction import TxResult
+from relay.delivery.txresult import TxResult
 from relay.domains import Domain
 from relay.log import event
 from relay.mailformat import header_value

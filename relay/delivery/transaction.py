@@ -1,13 +1,15 @@
-"""One SMTP transaction on an open outbound session: MAIL, RCPT, DATA.
+"""One SMTP transaction on an open outbound session: MAIL, RCPT, DATA or BDAT.
 
 Role: :func:`transact` sends one :class:`Transaction` (sender, parameters,
 recipients, data) over an :class:`~relay.delivery.session.OutboundSession` that is
-already TLS, and classifies every reply where it is seen (RFC 5321 3.3, 4.2.1).  A
-server that offers PIPELINING gets [RSET,] MAIL, the RCPTs and DATA in one write
-(RFC 2920); a reused session is proven alive by that RSET, and reported ``stale``
-when it is not.  MAIL is refused on a transport without TLS (defence in depth).
+already TLS, in the order RFC 5321 3.3 asks, with the replies classified where they
+are seen (relay.delivery.txresult).  A server that offers PIPELINING gets [RSET,]
+MAIL, the RCPTs and DATA in one write (RFC 2920); one that also offers CHUNKING gets
+BDAT instead of DATA (RFC 3030), and a small message's data in that same write - one
+round trip per message.  A reused session is proven alive by that RSET, and reported
+``stale`` when it is not.  MAIL is refused on a transport without TLS (defence in depth).
 Not: opening sessions (relay.delivery.session), choosing hosts or pooling
-(relay.delivery.deliverer), or the bytes of DATA (relay.delivery.wiredata).
+(relay.delivery.deliverer), or the octets of the data (relay.delivery.wiredata).
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
 
-from relay.body import Body
+from relay.body import CHUNK, Body
 from relay.config import DeliveryConfig
 from relay.delivery.downgrade import needs_8bitmime, to_7bit
-from relay.delivery.outcome import Decision, Status, decision_for, raw_reply, reply_text
+from relay.delivery.outcome import Decision, Status, decision_for
 from relay.delivery.params import (
     SMTPUTF8_NEEDED,
     mail_options,
@@ -32,7 +34,17 @@ from relay.delivery.params import (
     size_problem,
 )
 from relay.delivery.session import OutboundSession, Target, Trace
-from relay.delivery.wiredata import command, pipelined, send_data
+from relay.delivery.txresult import (
+    TxResult,
+    data_lost,
+    data_reply,
+    decide_all,
+    mail_accepted,
+    rcpts_accepted,
+    send_message,
+)
+from relay.delivery.wiredata import bdat_line, command, pipelined
+from relay.mailformat import crlf_only
 
 
 @dataclass(frozen=True)
@@ -49,36 +61,6 @@ class Transaction:
             object.__setattr__(self, "data", Body.of(self.data))
 
 
-@dataclass
-class TxResult:
-    """Per-recipient decisions (by index into the recipients given to :func:`transact`).
-    ``session_error``: the session failed before these recipients were decided; the
-    undecided ones may try the next MX.  ``reusable``: the session may carry another
-    transaction (after an RSET, which :func:`transact` sends first on a reused one)."""
-
-    decided: dict[int, Decision] = field(default_factory=dict)
-    session_error: str | None = None
-    reusable: bool = False
-    # A reused session turned out dead or unfit before any message data went out:
-    # nothing was decided, and the same recipients may go over a fresh session.
-    stale: bool = False
-    converted: bool = False  # the data went as 7 bit (RFC 6152 §3): said in the log line
-    dsn: bool = False  # the server offered DSN: NOTIFY/ORCPT went with the recipients
-
-
-def _all(
-    result: TxResult,
-    count: int,
-    status: Status,
-    reason: str,
-    reply: str | None = None,
-    code: str | None = None,
-) -> TxResult:
-    for i in range(count):
-        result.decided.setdefault(i, Decision(status, reason, reply, code))
-    return result
-
-
 async def _seven_bit(
     tx: Transaction, smtp: aiosmtplib.SMTP, target: Target, result: TxResult
 ) -> Transaction | TxResult:
@@ -92,10 +74,22 @@ async def _seven_bit(
         if needs_smtputf8(tx) and not smtp.supports_extension("smtputf8"):
             why, code = "SMTPUTF8, which the message needs", SMTPUTF8_NEEDED
         reason = f"destination lacks {why} ({target.label})"
-        return _all(result, len(tx.recipients), Status.PERMANENT, reason, code=code)
+        return decide_all(result, len(tx.recipients), Status.PERMANENT, reason, code=code)
     options = [o for o in tx.mail_options if o.upper() != "BODY=8BITMIME"]
     result.converted = True
     return dataclasses.replace(tx, mail_options=options, data=Body.of(converted))
+
+
+INLINE_MAX = CHUNK  # BDAT data up to this size goes in the same write as MAIL and RCPT
+
+
+def chunking(smtp: aiosmtplib.SMTP, body: Body) -> bool:
+    """BDAT (RFC 3030) for this message: the server offers CHUNKING, and the data is
+    CRLF-only - checked here for data made in memory (DSNs, a 7-bit conversion);
+    stored data was checked by intake (relay.intake.datareader) as it arrived."""
+    if not smtp.supports_extension("chunking"):
+        return False
+    return body.data is None or crlf_only(body.data)
 
 
 async def transact(
@@ -106,11 +100,13 @@ async def transact(
     *,
     reset: bool = False,
 ) -> TxResult:
-    """MAIL, RCPT per recipient, DATA (RFC 5321 §3.3); every reply classified here.
+    """MAIL, RCPT per recipient, then DATA or BDAT (RFC 5321 §3.3, RFC 3030); every
+    reply classified here.
 
     *reset*: the session was used before; RSET first (RFC 5321 §4.1.1.5), which also
     proves it is still alive - if not, ``stale`` says so.  A server that offers
-    PIPELINING gets [RSET,] MAIL, the RCPTs and DATA in one write (RFC 2920)."""
+    PIPELINING gets [RSET,] MAIL and the RCPTs in one write (RFC 2920), with DATA, or
+    with BDAT and the data itself when it is small (RFC 3030 §4.2)."""
     smtp, target, count = session.smtp, session.target, len(tx.recipients)
     result = TxResult()
     if smtp.get_transport_info("ssl_object") is None:  # defence in depth: never plaintext
@@ -128,89 +124,164 @@ async def transact(
         result.reusable = True  # nothing was sent
         utf8 = needs_smtputf8(tx) and not smtp.supports_extension("smtputf8")
         code = SMTPUTF8_NEEDED if utf8 and isinstance(opts, str) else None
-        return _all(result, count, Status.PERMANENT, problem or "unsendable", code=code)
+        return decide_all(result, count, Status.PERMANENT, problem or "unsendable", code=code)
     encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
+    call = _Call(smtp, tx, target, cfg, trace, result, chunking(smtp, tx.data))
     if smtp.supports_extension("pipelining"):
-        await _pipelined(smtp, tx, opts, encoding, cfg, target, trace, result, reset)
-        return result
-    if reset:
-        trace.stage = f"RSET on a reused session to {target.label}"
-        if not await _rset(smtp):
-            result.stale = True
-            result.session_error = f"reused session to {target.label} is gone"
-            return result
-    try:
-        trace.stage = f"MAIL FROM at {target.label}"
-        await smtp.mail(tx.sender, options=opts, encoding=encoding)
-    except SMTPResponseException as exc:
-        reason = reply_text(exc.code, exc.message, target)
-        if exc.code == 421 or exc.code < 500:
-            result.session_error = reason  # RFC 5321 §4.2.1: this MX is busy; try the next
-            return result
-        result.reusable = smtp.is_connected
-        return _all(result, count, Status.PERMANENT, reason, raw_reply(exc.code, exc.message))
-    except ValueError as exc:  # not encodable / control characters: no MX will take it
-        result.reusable = smtp.is_connected
-        return _all(result, count, Status.PERMANENT, f"sender {tx.sender!r} cannot be sent: {exc}")
-    except (SMTPException, OSError) as exc:
-        result.session_error = f"MAIL FROM failed at {target.label}: {exc}"
-        return result
-    accepted = await _recipients(smtp, tx, encoding, target, trace, result)
-    if result.session_error is not None:
-        return result
-    if not accepted:
-        result.reusable = await _rset(smtp)  # RFC 5321 §4.1.1.5: end the empty transaction
-        return result
-    await _data(smtp, tx, accepted, cfg, target, trace, result)
+        await _pipelined(call, opts, encoding, reset)
+    else:
+        await _one_by_one(call, opts, encoding, reset)
     return result
 
 
-async def _pipelined(
-    smtp: aiosmtplib.SMTP,
-    tx: Transaction,
-    opts: list[str],
-    encoding: str,
-    cfg: DeliveryConfig,
-    target: Target,
-    trace: Trace,
-    result: TxResult,
-    reset: bool,
-) -> None:
-    """[RSET,] MAIL, RCPT..., DATA in one write; then the message if DATA got 354.
+@dataclass(frozen=True)
+class _Call:
+    """One transact call: where, what, and where its decisions go."""
+
+    smtp: aiosmtplib.SMTP
+    tx: Transaction
+    target: Target
+    cfg: DeliveryConfig
+    trace: Trace
+    result: TxResult
+    chunking: bool  # the data goes with BDAT (RFC 3030), not DATA
+
+    async def send(self, accepted: list[int], *, started: bool = False) -> None:
+        # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
+        timeout = 2 * self.cfg.command_timeout
+        await send_message(
+            self.smtp,
+            self.tx.data,
+            accepted,
+            timeout,
+            self.target,
+            self.trace,
+            self.result,
+            chunking=self.chunking,
+            started=started,
+        )
+
+
+async def _one_by_one(call: _Call, opts: list[str], encoding: str, reset: bool) -> None:
+    """A command per round trip, for a server without PIPELINING."""
+    smtp, tx, target, result = call.smtp, call.tx, call.target, call.result
+    count = len(tx.recipients)
+    if reset:
+        call.trace.stage = f"RSET on a reused session to {target.label}"
+        if not await _rset(smtp):
+            result.stale = True
+            result.session_error = f"reused session to {target.label} is gone"
+            return
+    try:
+        call.trace.stage = f"MAIL FROM at {target.label}"
+        await smtp.mail(tx.sender, options=opts, encoding=encoding)
+    except SMTPResponseException as exc:
+        mail_accepted(smtp, SMTPResponse(exc.code, exc.message), False, count, target, result)
+        return
+    except ValueError as exc:  # not encodable / control characters: no MX will take it
+        result.reusable = smtp.is_connected
+        why = f"sender {tx.sender!r} cannot be sent: {exc}"
+        decide_all(result, count, Status.PERMANENT, why)
+        return
+    except (SMTPException, OSError) as exc:
+        result.session_error = f"MAIL FROM failed at {target.label}: {exc}"
+        return
+    accepted = await _recipients(smtp, tx, encoding, target, call.trace, result)
+    if result.session_error is not None:
+        return
+    if not accepted:
+        result.reusable = await _rset(smtp)  # RFC 5321 §4.1.1.5: end the empty transaction
+        return
+    await call.send(accepted)
+
+
+async def _pipelined(call: _Call, opts: list[str], encoding: str, reset: bool) -> None:
+    """[RSET,] MAIL, RCPT... and DATA in one write, then the message if DATA got 354;
+    or, with CHUNKING, BDAT and the message in that write when it is at most
+    INLINE_MAX, else BDAT once the RCPT replies are in.
 
     The replies mean what they mean in the one-by-one exchange; nothing of the
-    message is sent unless MAIL, at least one RCPT and DATA were accepted."""
+    message is sent unless MAIL, at least one RCPT (and DATA) were accepted - except
+    small BDAT data, which the server reads and drops after a refusal (RFC 3030 §2)."""
+    smtp, tx, target, result = call.smtp, call.tx, call.target, call.result
     group = _group(smtp, tx, opts, encoding, result)
     if group is None:
         result.reusable = smtp.is_connected  # nothing was sent
         return
     lines, sent = group
-    lines = ([b"RSET\r\n"] if reset else []) + lines + [b"DATA\r\n"]
-    trace.stage = f"MAIL/RCPT/DATA (pipelined) at {target.label}"
-    replies, error = await pipelined(smtp, lines, cfg.command_timeout)
+    inline = call.chunking and tx.data.size <= INLINE_MAX
+    end = [bdat_line(tx.data)] if inline else [] if call.chunking else [b"DATA\r\n"]
+    lines = ([b"RSET\r\n"] if reset else []) + lines + end
+    call.trace.stage = (
+        f"MAIL/RCPT/{'BDAT' if call.chunking else 'DATA'} (pipelined) at {target.label}"
+    )
+    timeout = call.cfg.command_timeout * (2 if inline else 1)  # BDAT's is the final reply
+    replies, error = await pipelined(smtp, lines, timeout, tx.data if inline else None)
     lost = f"connection lost at {target.label}: {error}"
     if reset:
         rset = replies.pop(0) if replies else None
-        if rset is None or rset.code != 250:
+        if rset is None or (rset.code != 250 and not inline):
             smtp.close()  # gone or unfit for reuse; what it said to the rest does not count
             result.stale = True
             result.session_error = lost if rset is None else f"{target.label} refused RSET"
             return
+        if rset.code != 250:  # the data went too: what the rest said counts; no reuse
+            smtp.close()
     if not replies:
         result.session_error = lost
         return
-    mail, rcpts, data = replies[0], replies[1 : 1 + len(sent)], replies[1 + len(sent) :]
-    if not _mail_accepted(smtp, mail, bool(data and data[0].code == 354), tx, target, result):
+    mail, rcpts, rest = replies[0], replies[1 : 1 + len(sent)], replies[1 + len(sent) :]
+    started = not call.chunking and bool(rest and rest[0].code == 354)
+    if not mail_accepted(smtp, mail, started, len(tx.recipients), target, result):
         return
-    accepted = _rcpts_accepted(smtp, sent, rcpts, target, result)
+    accepted = rcpts_accepted(smtp, sent, rcpts, target, result)
     if accepted is None:
         return
-    if not data:  # the connection broke before every reply came: nothing was sent
+    if call.chunking:
+        await _chunks(call, accepted, rest, error, inline, len(rcpts) == len(sent))
+    else:
+        await _data_started(call, accepted, rest, lost)
+
+
+async def _chunks(
+    call: _Call,
+    accepted: list[int],
+    rest: list[SMTPResponse],
+    error: Exception | None,
+    inline: bool,
+    all_rcpts: bool,
+) -> None:
+    """After the pipelined MAIL and RCPTs: BDAT's reply (*rest*) when the data went
+    with them, else BDAT now."""
+    smtp, target, result = call.smtp, call.target, call.result
+    if not all_rcpts:  # the connection broke before every RCPT reply came
+        if inline and accepted:
+            data_lost(accepted, "BDAT", target, error or OSError("no reply"), result)
+        else:
+            result.session_error = f"connection lost at {target.label}: {error}"
+        return
+    if not accepted:  # a small message's BDAT got its refusal too; nothing else was sent
+        result.reusable = smtp.is_connected
+        return
+    if not inline:
+        await call.send(accepted)
+    elif rest:
+        data_reply(smtp, rest[0], accepted, target, result)
+    else:
+        data_lost(accepted, "BDAT", target, error or OSError("no reply"), result)
+
+
+async def _data_started(
+    call: _Call, accepted: list[int], rest: list[SMTPResponse], lost: str
+) -> None:
+    """After the pipelined MAIL, RCPTs and DATA: the message, if DATA got 354."""
+    smtp, target, result = call.smtp, call.target, call.result
+    if not rest:  # the connection broke before every reply came: nothing was sent
         result.session_error = lost
         return
-    if data[0].code != 354:
-        decision = decision_for(data[0].code, data[0].message, target)
-        if data[0].code == 421 and accepted:
+    if rest[0].code != 354:
+        decision = decision_for(rest[0].code, rest[0].message, target)
+        if rest[0].code == 421 and accepted:
             smtp.close()
             result.session_error = decision.reason
             return
@@ -220,7 +291,7 @@ async def _pipelined(
     elif not accepted:
         smtp.close()  # 354 although no recipient was accepted: end the session instead
     else:
-        await _data(smtp, tx, accepted, cfg, target, trace, result, started=True)
+        await call.send(accepted, started=True)
 
 
 def _group(
@@ -232,7 +303,7 @@ def _group(
         lines = [command(b"MAIL FROM:", tx.sender, opts, encoding)]
     except ValueError as exc:  # not encodable / control characters: no MX will take it
         why = f"sender {tx.sender!r} cannot be sent: {exc}"
-        _all(result, len(tx.recipients), Status.PERMANENT, why)
+        decide_all(result, len(tx.recipients), Status.PERMANENT, why)
         return None
     sent: list[int] = []
     for i, (address, options) in enumerate(tx.recipients):
@@ -243,51 +314,6 @@ def _group(
             continue
         sent.append(i)
     return (lines, sent) if sent else None
-
-
-def _mail_accepted(
-    smtp: aiosmtplib.SMTP,
-    mail: SMTPResponse,
-    data_started: bool,
-    tx: Transaction,
-    target: Target,
-    result: TxResult,
-) -> bool:
-    """Whether MAIL got 250; otherwise what its reply decides is in *result*."""
-    if mail.code == 250:
-        return True
-    if data_started:
-        smtp.close()  # it waits for a message we will not send: end the session
-    reason = reply_text(mail.code, mail.message, target)
-    if mail.code == 421 or mail.code < 500:
-        result.session_error = reason  # RFC 5321 §4.2.1: this MX is busy; try the next
-        return False
-    result.reusable = smtp.is_connected
-    _all(result, len(tx.recipients), Status.PERMANENT, reason, raw_reply(mail.code, mail.message))
-    return False
-
-
-def _rcpts_accepted(
-    smtp: aiosmtplib.SMTP,
-    sent: list[int],
-    rcpts: list[SMTPResponse],
-    target: Target,
-    result: TxResult,
-) -> list[int] | None:
-    """Indexes of the recipients the RCPT replies accepted; the others are decided.
-    None when a 421 closed the session (every undecided recipient may try the next MX)."""
-    accepted: list[int] = []
-    for i, reply in zip(sent, rcpts, strict=False):
-        decision = decision_for(reply.code, reply.message, target)
-        if reply.code == 421:
-            smtp.close()
-            result.session_error = decision.reason  # the MX is closing: try the next MX
-            return None
-        if reply.code in (250, 251):
-            accepted.append(i)
-        else:
-            result.decided[i] = decision
-    return accepted
 
 
 async def _recipients(
@@ -318,43 +344,6 @@ async def _recipients(
             return accepted
         accepted.append(i)
     return accepted
-
-
-async def _data(
-    smtp: aiosmtplib.SMTP,
-    tx: Transaction,
-    accepted: list[int],
-    cfg: DeliveryConfig,
-    target: Target,
-    trace: Trace,
-    result: TxResult,
-    *,
-    started: bool = False,
-) -> None:
-    """DATA (or, *started*, just the message after a 354 already received); its
-    reply applies to every accepted recipient (RFC 5321 §3.3)."""
-    trace.stage = f"DATA at {target.label}"
-    try:
-        # RFC 5321 §4.5.3.2.6: up to 10 minutes for the reply to the final dot.
-        reply = await send_data(smtp, tx.data, 2 * cfg.command_timeout, started=started)
-    except SMTPResponseException as exc:
-        decision = decision_for(exc.code, exc.message, target)
-        result.reusable = smtp.is_connected
-    except (SMTPException, OSError) as exc:
-        # The MX may have taken the message before the connection broke (RFC 1047):
-        # defer rather than try another MX now, so a duplicate is the worst case.
-        decision = Decision(
-            Status.TRANSIENT, f"connection lost during DATA at {target.label}: {exc}"
-        )
-    else:
-        decision = Decision(
-            Status.DELIVERED,
-            reply_text(reply.code, reply.message, target),
-            raw_reply(reply.code, reply.message),
-        )
-        result.reusable = True
-    for i in accepted:
-        result.decided[i] = decision
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> bool:

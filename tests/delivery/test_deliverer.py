@@ -126,7 +126,8 @@ async def test_delivers_to_postfix_over_tls(postfix_mx: PostfixMx, ca_file: Path
     assert [o.status for o in outcomes] == [Status.DELIVERED, Status.DELIVERED]
     assert outcomes[0].mx_host == "mx.postfix.test" and outcomes[0].mx_ip == "127.0.0.1"
     assert outcomes[0].tls is not None and outcomes[0].tls.startswith("TLSv1.3 ")
-    assert '"250 2.0.0 Ok: queued as' in outcomes[0].reason
+    # Postfix offers CHUNKING and words its reply to BDAT (RFC 3030) its own way.
+    assert re.search(r'"250 2\.0\.0 Ok: \d+ bytes queued as', outcomes[0].reason), outcomes[0]
     got = postfix_mx.wait_messages(2)
     assert sorted(m.recipient for m in got) == ["a@example.test", "b@example.test"]
     for m in got:
@@ -161,27 +162,37 @@ async def test_mixed_recipient_replies(postfix_mx: PostfixMx, ca_file: Path) -> 
     assert [m.recipient for m in postfix_mx.wait_messages(1)] == ["ok@example.test"]
 
 
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
 async def test_all_recipients_refused_delivers_nothing(
-    postfix_mx: PostfixMx, ca_file: Path
+    chunking: bool, ca: trustme.CA, ca_file: Path
 ) -> None:
-    """Postfix offers PIPELINING: MAIL, RCPT and DATA go in one write (RFC 2920); with
-    the only recipient refused, Postfix refuses DATA and no message data is sent.
-    The next transaction on the pooled session starts with RSET."""
-    postfix_mx.set_access("nobody@example.test", "550 5.1.1 no such user")
-    resolver = FakeResolver({"example.test": [("mx.postfix.test", "127.0.0.1")]})
-    d = new_deliverer(
-        make_cfg(postfix_mx.port, ca_file), policy(), "relay.test", resolver, Metrics()
-    )
-    try:
-        for rcpt, status in (("nobody", Status.PERMANENT), ("ok", Status.DELIVERED)):
-            outcomes = await d.deliver(
-                "Q1", "app@src.test", (), "example.test", [(f"{rcpt}@example.test", ())], MESSAGE
-            )
-            assert [o.status for o in outcomes] == [status]
-    finally:
-        await d.close()
-    log = postfix_mx.wait_log("quit=1")
-    assert re.search(r"mail=2 rcpt=1/2 data=1/2 rset=1 quit=1 commands=\d+/\d+", log), log
+    """Postfix offers PIPELINING and CHUNKING: MAIL, RCPT and BDAT with the small
+    message go in one write (RFC 2920, RFC 3030 4.2).  With the only recipient refused,
+    Postfix refuses the BDAT too and queues nothing; without CHUNKING it refuses DATA
+    and no message data is sent.  The next transaction on the pooled session starts
+    with RSET and is delivered."""
+    main = {} if chunking else {"smtpd_discard_ehlo_keywords": "chunking"}
+    with postfix_instance(ca, main=main) as mx:
+        mx.set_access("nobody@example.test", "550 5.1.1 no such user")
+        resolver = FakeResolver({"example.test": [("mx.postfix.test", "127.0.0.1")]})
+        d = new_deliverer(make_cfg(mx.port, ca_file), policy(), "relay.test", resolver, Metrics())
+        try:
+            for rcpt, status in (("nobody", Status.PERMANENT), ("ok", Status.DELIVERED)):
+                outcomes = await d.deliver(
+                    "Q1",
+                    "app@src.test",
+                    (),
+                    "example.test",
+                    [(f"{rcpt}@example.test", ())],
+                    MESSAGE,
+                )
+                assert [o.status for o in outcomes] == [status]
+        finally:
+            await d.close()
+        log = mx.wait_log("quit=1")
+        verb = "bdat" if chunking else "data"
+        assert re.search(rf"mail=2 rcpt=1/2 {verb}=1/2 rset=1 quit=1 commands=\d+/\d+", log), log
+        assert len(mx.wait_messages(1)) == 1
 
 
 async def test_size_limit_of_postfix_is_permanent(ca: trustme.CA, ca_file: Path) -> None:

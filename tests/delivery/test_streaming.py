@@ -1,16 +1,20 @@
 """A message that stays on disk (relay.body) goes to a real Postfix piece by piece and
-arrives intact: dot-stuffing across the pieces' boundaries, 8-bit data, SIZE."""
+arrives intact: with BDAT (RFC 3030) as stored, or with DATA dot-stuffed across the
+pieces' boundaries; 8-bit data, SIZE."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
+import trustme
 
 from relay.app import new_deliverer
 from relay.body import CHUNK, Body
 from relay.delivery.outcome import Status
 from relay.metrics import Metrics
 from tests.delivery.test_deliverer import FakeResolver, make_cfg, policy
-from tests.fixtures.postfix import PostfixMx
+from tests.fixtures.postfix import postfix_instance
 
 
 def big_message() -> bytes:
@@ -23,8 +27,9 @@ def big_message() -> bytes:
     return data
 
 
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
 async def test_a_message_on_disk_reaches_postfix_intact(
-    postfix_mx: PostfixMx, ca_file: Path, tmp_path: Path
+    chunking: bool, ca: trustme.CA, ca_file: Path, tmp_path: Path
 ) -> None:
     data = big_message()
     assert data[CHUNK : CHUNK + 1] == b"." and data[CHUNK - 2 : CHUNK] == b"\r\n"
@@ -33,16 +38,22 @@ async def test_a_message_on_disk_reaches_postfix_intact(
     body = Body.on_disk(str(path), len(b"spool header\n"), len(data))
     assert body.data is None and body.eight_bit
     resolver = FakeResolver({"example.test": [("mx.postfix.test", "127.0.0.1")]})
-    d = new_deliverer(
-        make_cfg(postfix_mx.port, ca_file), policy(), "relay.test", resolver, Metrics()
-    )
-    try:
-        outcomes = await d.deliver(
-            "Q1", "app@src.test", ["BODY=8BITMIME"], "example.test", [("a@example.test", ())], body
-        )
-    finally:
-        await d.close()
-    assert [o.status for o in outcomes] == [Status.DELIVERED], outcomes[0].reason
-    (got,) = postfix_mx.wait_messages(1)
+    main = {} if chunking else {"smtpd_discard_ehlo_keywords": "chunking"}
+    with postfix_instance(ca, main=main) as mx:
+        d = new_deliverer(make_cfg(mx.port, ca_file), policy(), "relay.test", resolver, Metrics())
+        try:
+            outcomes = await d.deliver(
+                "Q1",
+                "app@src.test",
+                ["BODY=8BITMIME"],
+                "example.test",
+                [("a@example.test", ())],
+                body,
+            )
+        finally:
+            await d.close()
+        assert [o.status for o in outcomes] == [Status.DELIVERED], outcomes[0].reason
+        (got,) = mx.wait_messages(1)
+        assert f" {'bdat' if chunking else 'data'}=1 " in mx.wait_log("quit=1")
     stored = got.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     assert stored.endswith(data[data.index(b"\r\n\r\n") :])

@@ -1,9 +1,11 @@
 """Interop (issue 15): the receiving MTAs people run - Postfix and Exim from Debian - as
 the MX behind `tls-relay serve`, at every TLS level a loopback MX with a test CA can meet
-(encrypt, verify, secure), with SMTPUTF8, 8BITMIME and DSN all offered or all withheld
-at the receiver.  One MX and one relay per (MTA, offered) pair, several messages each:
+(encrypt, verify, secure), with SMTPUTF8, 8BITMIME, DSN and CHUNKING all offered or all
+withheld at the receiver.  One MX and one relay per (MTA, offered) pair, several messages each:
 
-- plain, to a domain at each level: delivered, the level met in the delivery log line;
+- plain, to a domain at each level: delivered, the level met in the delivery log line,
+  its lines that start with a period intact (BDAT sends them as they are, DATA
+  dot-stuffs them: RFC 3030, RFC 5321 4.5.2), and BDAT used exactly when offered;
 - SMTPUTF8 declared, ASCII only: delivered either way (the declaration is not needed);
 - a UTF-8 address: delivered when offered, else bounced (DSN to the sender);
 - BODY=8BITMIME with an 8-bit body: as is when offered, else converted to 7 bit and
@@ -23,6 +25,7 @@ import email.policy
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from email.message import Message
 from pathlib import Path
@@ -46,8 +49,12 @@ MTAS = {
     "exim": ("mx.exim.test", "Exim 4.96 (Debian)"),
 }
 LEVELS = ("encrypt", "verify", "secure")  # recipient domain <level>.test gets that level
-EXTENSIONS = {"smtputf8", "8bitmime", "dsn"}
-COVERS = "levels encrypt/verify/secure, each with SMTPUTF8, 8BITMIME and DSN offered or withheld"
+EXTENSIONS = {"smtputf8", "8bitmime", "dsn", "chunking"}
+COVERS = (
+    "levels encrypt/verify/secure, each with SMTPUTF8, 8BITMIME, DSN and CHUNKING"
+    " offered or withheld"
+)
+DOTS = b"hi\r\n.one period\r\n..two\r\n.\r\n. \r\nend\r\n"  # RFC 5321 4.5.2 at work
 SENDER = "app@sender.test"
 UTF8_RCPT = "jürgen@verify.test"
 TEXT = "Grüße aus Köln: naïve café, 東京.\r\n"
@@ -69,12 +76,13 @@ def receiving_mx(mta: str, ca: trustme.CA, offered: bool) -> Iterator[Mx]:
     names = (MTAS[mta][0], "secure.test")
     if mta == "exim":
         switches = {"smtputf8": offered, "eightbitmime": offered, "dsn": offered}
+        switches["chunking"] = offered
         with exim_instance(ca, names=names, **switches) as mx:
             yield mx
         return
     if not postfix.available():
         pytest.skip("needs Debian's postfix binaries and root")
-    main = {"smtputf8_enable": "no", "smtpd_discard_ehlo_keywords": "8bitmime, dsn"}
+    main = {"smtputf8_enable": "no", "smtpd_discard_ehlo_keywords": "8bitmime, dsn, chunking"}
     with postfix_instance(ca, names=names, main={} if offered else main) as mx:
         yield mx
 
@@ -108,7 +116,7 @@ def submit_all(proc: RelayProcess) -> None:
     eight = "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
     eight += "Content-Transfer-Encoding: 8bit\r\n"
     sends: list[tuple[list[str], bytes, list[str], list[str]]] = [
-        (plain, message("plain", plain[0], "plain"), [], []),
+        (plain, message("plain", plain[0], "plain", body=DOTS), [], []),
         (["ascii@verify.test"], message("ascii", "ascii@verify.test", "ascii"), ["SMTPUTF8"], []),
         ([UTF8_RCPT], message("utf8", UTF8_RCPT, "utf8"), ["SMTPUTF8"], []),
         (
@@ -185,7 +193,8 @@ def test_relay_delivers_to_the_mta(
         check_8bitmime(proc, got, offered)
         check_dsn(proc, got, offered, MTAS[mta][0])
         assert sum(len(v) for v in got.values()) == 8, sorted(got)
-        assert proc.stop() == 0
+        assert proc.stop() == 0  # its pooled sessions end: Postfix logs their counts
+        check_chunking(mta, mx, got, offered)
 
 
 def check_levels(proc: RelayProcess, got: dict[str, list[Delivered]], mx_name: str) -> None:
@@ -195,6 +204,27 @@ def check_levels(proc: RelayProcess, got: dict[str, list[Delivered]], mx_name: s
         assert f"mx={mx_name} ip=127.0.0.1" in line and "outcome=delivered" in line, line
         assert f"level_required={level} level_met={level} " in line, line
         assert re.search(r" tls=TLSv1\.[23] cipher=\S+ cert_sha256=[0-9a-f]{64} ", line), line
+
+
+def check_chunking(mta: str, mx: Mx, got: dict[str, list[Delivered]], offered: bool) -> None:
+    """The periods arrived as sent; the MTA's own log shows BDAT exactly when offered."""
+    for item in got["plain"]:
+        body = item.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+        assert body == DOTS.replace(b"\r\n", b"\n"), item.raw
+    log = mx.log_text()
+    for _ in range(100):  # bounded: Postfix logs a session's counts when it ends
+        if mta != "postfix" or log.count(" connect from ") == log.count(" disconnect from "):
+            break
+        time.sleep(0.1)
+        log = mx.log_text()
+    if mta == "postfix":  # smtpd's per-session command counts
+        used = re.findall(r" (bdat|data)=\d+", log)
+        assert set(used) == {"bdat" if offered else "data"}, used
+    else:  # Exim logs "K" in a message's <= line when it came by CHUNKING
+        arrivals = [ln for ln in log.splitlines() if " <= " in ln and "relay.test" in ln]
+        assert arrivals and all((" K " in ln or ln.endswith(" K")) is offered for ln in arrivals), (
+            arrivals
+        )
 
 
 def check_smtputf8(proc: RelayProcess, got: dict[str, list[Delivered]], offered: bool) -> None:

@@ -1,0 +1,173 @@
+"""BDAT (RFC 3030 CHUNKING) toward an MX that offers it: the stored octets go as they
+are, a small message in the same write as MAIL and RCPT (one round trip), a large one
+after the RCPT replies; every reply means what it means with DATA.  Against a
+scripted peer that records the commands and chunks (the real Postfix and Exim cases
+are in test_deliverer, test_streaming and the e2e receiving-MTA matrix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trustme
+
+from relay.app import new_deliverer
+from relay.body import Body
+from relay.delivery.outcome import Status
+from relay.delivery.transaction import INLINE_MAX
+from relay.metrics import Metrics
+from tests.delivery.test_deliverer import (
+    MESSAGE,
+    PEER1,
+    FakeResolver,
+    _tls_peer,
+    extensions,
+    make_cfg,
+    policy,
+    send,
+)
+
+RESOLVER = {"example.test": [("mx1.example.test", PEER1)]}
+DOTS = MESSAGE + b".\r\n..\r\n. .\r\nend\r\n"  # what DATA would stuff: BDAT must not
+
+
+def chunking(pipelining: bool) -> tuple[str, ...]:
+    return (*extensions(pipelining), "CHUNKING")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_small_message_goes_as_it_is_in_one_write(
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool
+) -> None:
+    peer = await _tls_peer(peers, ca, extensions=chunking(pipelining))
+    d = new_deliverer(
+        make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
+    )
+    outcomes = await send(d, ["a@example.test", "b@example.test"], data=DOTS)
+    assert [o.status for o in outcomes] == [Status.DELIVERED] * 2, outcomes[0].reason
+    (got,) = peer.messages
+    assert got.data == DOTS and got.recipients == ["a@example.test", "b@example.test"]
+    assert peer.chunks == [len(DOTS)]
+    verbs = peer.verbs(tls=True)
+    assert "DATA" not in verbs and f"BDAT {len(DOTS)} LAST" in [c.line for c in peer.commands]
+    if pipelining:  # RFC 3030 4.2: MAIL, RCPT, RCPT and BDAT with its data, one write
+        assert peer.pipelined[:4] == ["MAIL", "RCPT", "RCPT", "BDAT"]
+    else:
+        assert "MAIL" not in peer.pipelined and "RCPT" not in peer.pipelined
+
+
+async def test_a_large_message_waits_for_the_rcpt_replies(
+    ca: trustme.CA, ca_file: Path, peers: list, tmp_path: Path
+) -> None:
+    """Over INLINE_MAX, nothing of the data goes before a recipient is accepted; it goes
+    from the spool file as it is, in pieces, as one BDAT LAST chunk."""
+    line = b"0123456789 .abcdefghijklmnopqrstuvwxyz\r\n"
+    data = MESSAGE + b"." * 10 + b"\r\n" + line * (3 * INLINE_MAX // len(line))
+    path = tmp_path / "m"
+    path.write_bytes(b"head\n" + data + b"tail")
+    body = Body.on_disk(str(path), 5, len(data))
+    peer = await _tls_peer(peers, ca, extensions=chunking(True), size=10 * len(data))
+    d = new_deliverer(
+        make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
+    )
+    try:
+        outcomes = await d.deliver(
+            "Q1", "app@src.test", (), "example.test", [("a@example.test", ())], body
+        )
+    finally:
+        await d.close()
+    assert [o.status for o in outcomes] == [Status.DELIVERED], outcomes[0].reason
+    assert peer.messages[0].data == data and peer.chunks == [len(data)]
+    # MAIL and RCPT in one write, which RCPT ended: BDAT waited for their replies.
+    assert peer.pipelined[0] == "MAIL" and "RCPT" not in peer.pipelined
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected", "delivered"),
+    [
+        ({"mail_reply": "550 5.7.1 sender rejected"}, [Status.PERMANENT] * 2, 0),
+        ({"mail_reply": "451 4.3.0 try again"}, [Status.TRANSIENT] * 2, 0),
+        ({"data_reply": "554 5.6.0 content rejected"}, [Status.PERMANENT] * 2, 0),
+        ({"data_reply": "452 4.3.1 out of space"}, [Status.TRANSIENT] * 2, 0),
+        ({"rcpt_replies": {"b@example.test": "421 4.3.2 closing"}}, [Status.TRANSIENT] * 2, 0),
+        (
+            {"rcpt_replies": {"a@example.test": "550 5.1.1 no such user"}},
+            [Status.PERMANENT, Status.DELIVERED],
+            1,
+        ),
+        (
+            {"rcpt_replies": {f"{r}@example.test": "550 5.1.1 no such user" for r in "ab"}},
+            [Status.PERMANENT] * 2,
+            0,
+        ),
+    ],
+)
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_replies_decide_as_with_data(
+    kw: dict,
+    expected: list[Status],
+    delivered: int,
+    ca: trustme.CA,
+    ca_file: Path,
+    peers: list,
+    pipelining: bool,
+) -> None:
+    """A refused sender or recipients: the BDAT refusal that follows is not what
+    decides them.  A refused BDAT decides every accepted recipient."""
+    peer = await _tls_peer(peers, ca, extensions=chunking(pipelining), **kw)
+    d = new_deliverer(
+        make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
+    )
+    outcomes = await send(d, ["a@example.test", "b@example.test"])
+    assert [o.status for o in outcomes] == expected, [o.reason for o in outcomes]
+    reply = next(iter(kw.values()))
+    code = (reply if isinstance(reply, str) else next(iter(reply.values())))[:3]
+    assert f'"{code} ' in outcomes[0].reason, outcomes
+    assert len(peer.messages) == delivered
+    assert "DATA" not in peer.verbs(tls=True)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_pooled_session_carries_bdat_transactions(
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool
+) -> None:
+    """RSET, MAIL, RCPT and BDAT with the data: one write for each reused session's
+    message; refused recipients in between leave the session usable."""
+    peer = await _tls_peer(
+        peers,
+        ca,
+        extensions=chunking(pipelining),
+        rcpt_replies={"r1@example.test": "550 5.1.1 no such user"},
+    )
+    d = new_deliverer(
+        make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
+    )
+    try:
+        for n, status in enumerate((Status.DELIVERED, Status.PERMANENT, Status.DELIVERED)):
+            out = await d.deliver(
+                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], DOTS
+            )
+            assert out[0].status is status, out[0].reason
+    finally:
+        await d.close()
+    assert peer.connections == 1
+    assert [m.recipients for m in peer.messages] == [["r0@example.test"], ["r2@example.test"]]
+    assert all(m.data == DOTS for m in peer.messages)
+    if pipelining:
+        group = ["MAIL", "RCPT", "BDAT"] + ["RSET", "MAIL", "RCPT", "BDAT"] * 2
+        assert peer.pipelined == group
+
+
+async def test_a_peer_gone_during_bdat_defers_without_trying_the_next_mx(
+    ca: trustme.CA, ca_file: Path, peers: list
+) -> None:
+    """RFC 1047: once the data went, a lost reply may hide a delivery: defer (at worst
+    a duplicate later), never rush to another MX."""
+    peer = await _tls_peer(peers, ca, extensions=chunking(True), data_reply="")
+    d = new_deliverer(
+        make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
+    )
+    (outcome,) = await send(d, ["a@example.test"])
+    assert outcome.status is Status.TRANSIENT
+    assert "connection lost during BDAT" in outcome.reason, outcome.reason
+    assert peer.connections == 1
