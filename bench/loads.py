@@ -15,9 +15,10 @@ PLACEMENTS = ("percore", "machine")
 
 # Client modes (issue 14): how the generator talks to the SUT and the sink to the SUT.
 MODES = {
-    "pipe": "pipelining client, sink offers PIPELINING",
-    "nopipe": "non-pipelining client, sink without PIPELINING",
-    "nopipe-client": "non-pipelining client, sink offers PIPELINING",
+    "pipe": "pipelining client, sink offers PIPELINING and CHUNKING",
+    "nopipe": "non-pipelining client, sink without PIPELINING and CHUNKING",
+    "nopipe-client": "non-pipelining client, sink offers PIPELINING and CHUNKING",
+    "pipe-data": "pipelining client, sink offers PIPELINING, not CHUNKING (DATA)",
 }
 
 
@@ -36,11 +37,15 @@ class Load:
 
     @property
     def client_pipelining(self) -> bool:
-        return self.mode == "pipe"
+        return self.mode in ("pipe", "pipe-data")
 
     @property
     def sink_pipelining(self) -> bool:
         return self.mode != "nopipe"
+
+    @property
+    def sink_chunking(self) -> bool:
+        return self.mode in ("pipe", "nopipe-client")
 
     @property
     def label(self) -> str:
@@ -50,5 +55,5 @@ class Load:
 SIZES = {
     "2k": Load("2k", 2 * KIB, 16, 200),
     "100k": Load("100k", 100 * KIB, 8, 50),
-    "10m": Load("10m", 10 * MIB, 4, 2),
+    "10m": Load("10m", 10 * MIB, 4, 8),  # 32 messages: 8 were too few to judge a lever
 }

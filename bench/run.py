@@ -243,9 +243,11 @@ def render(args: argparse.Namespace, got: dict[str, Any], info: dict[str, Any]) 
         reps = max(r["reps"] for r in rows)
         text += [
             "",
-            f"Median of {reps} repetition(s). Sizes: 2k = 16 conns x 200 msgs, 100k ="
-            " 8 x 50, 10m = 4 x 2. percore: SUT on one CPU, generator+sink on the other;"
-            " machine: unpinned. 'nopipe': non-pipelining generator, sink without PIPELINING.",
+            f"Median of {reps} repetition(s). Sizes: "
+            + ", ".join(f"{k} = {v.conns} conns x {v.msgs} msgs" for k, v in SIZES.items())
+            + ". percore: SUT on one CPU, generator+sink on the other; machine: unpinned."
+            " The sink offers PIPELINING and CHUNKING (as Postfix and Exim do); 'nopipe':"
+            " non-pipelining generator, sink without PIPELINING and CHUNKING.",
             "",
             report.table(rows),
         ]

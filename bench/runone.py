@@ -134,7 +134,9 @@ class Run:
             "rate": rate,
             "ok": False,
         }
-        self.sink = Sink(ctx.cert, ctx.key, self.cpu_h, self.wd, load.sink_pipelining)
+        self.sink = Sink(
+            ctx.cert, ctx.key, self.cpu_h, self.wd, load.sink_pipelining, load.sink_chunking
+        )
         self.stack = contextlib.ExitStack()  # a DNSSEC lab, for relay-dane
         self.sut: SUT | None = None
         self.sampler: procs.Sampler | None = None

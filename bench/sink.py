@@ -17,7 +17,9 @@ Run as its own process (``python -m bench.sink --port 0 --cert C --key K``).  It
 Arrival time = ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process
 on the machine) when the end-of-data dot was seen, just before the 250 is written.
 ``--no-pipelining``: the EHLO reply leaves PIPELINING out (an MX that does not offer
-RFC 2920), so a correct client sends one command and waits for its reply.  Either way
+RFC 2920), so a correct client sends one command and waits for its reply.
+``--no-chunking``: it leaves CHUNKING out (RFC 3030 BDAT, offered by default as
+Postfix >= 3.4 and Exim do), so clients send DATA.  Either way
 the sink counts ``early_commands``: command lines (or message bytes after DATA) that
 arrived before the reply to the command ahead of them was written.  With PIPELINING
 offered that is a pipelined group; without, a client that pipelines anyway (RFC 2920
@@ -41,18 +43,21 @@ from typing import Any
 
 from bench import aio
 
-_CMD, _DATA, _TLSWAIT, _CLOSED = 0, 1, 2, 3
+_CMD, _DATA, _TLSWAIT, _CLOSED, _BDAT = 0, 1, 2, 3, 4
 _END = b"\r\n.\r\n"
 _HDR_KEEP = 65536
 _MSGID = re.compile(rb"^message-id:[ \t]*<([^>\r\n]+)>", re.IGNORECASE | re.MULTILINE)
 _NAME = b"sink.bench.invalid"  # must differ from the SUT's own name (Postfix loop check)
 
 
-def ehlo_reply(tls: bool, pipelining: bool) -> bytes:
-    """The EHLO reply: STARTTLS before TLS, PIPELINING only if *pipelining*."""
+def ehlo_reply(tls: bool, pipelining: bool, chunking: bool = True) -> bytes:
+    """The EHLO reply: STARTTLS before TLS, PIPELINING only if *pipelining*,
+    CHUNKING (RFC 3030, as Postfix >= 3.4 and Exim offer it) only if *chunking*."""
     lines = [b"250-" + _NAME, b"250-SIZE 209715200", b"250-8BITMIME"]
     if pipelining:
         lines.insert(1, b"250-PIPELINING")
+    if chunking:
+        lines.append(b"250-CHUNKING")
     if not tls:
         lines.append(b"250-STARTTLS")
     return b"\r\n".join([*lines, b"250 ENHANCEDSTATUSCODES", b""])
@@ -99,6 +104,8 @@ def _cpu() -> float:
 class SinkProtocol(asyncio.Protocol):
     __slots__ = (
         "buf",
+        "chunk_last",
+        "chunk_left",
         "ehlo",
         "hdr",
         "mode",
@@ -110,9 +117,20 @@ class SinkProtocol(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, stats: Stats, tlsctx: ssl.SSLContext, pipelining: bool = True) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        tlsctx: ssl.SSLContext,
+        pipelining: bool = True,
+        chunking: bool = True,
+    ) -> None:
         self.stats = stats
-        self.ehlo = (ehlo_reply(False, pipelining), ehlo_reply(True, pipelining))
+        self.ehlo = (
+            ehlo_reply(False, pipelining, chunking),
+            ehlo_reply(True, pipelining, chunking),
+        )
+        self.chunk_left = 0  # BDAT: octets of the chunk still to come
+        self.chunk_last = False  # ... and whether it ends the message
         self.tlsctx = tlsctx
         self.transport: Any = None
         self.buf = b""
@@ -134,6 +152,10 @@ class SinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.mode == _DATA:
             data = self._data(data)
+            if not data:
+                return
+        elif self.mode == _BDAT:
+            data = self._chunk(data)
             if not data:
                 return
         elif self.mode == _TLSWAIT:
@@ -168,6 +190,8 @@ class SinkProtocol(asyncio.Protocol):
             verb = line[:4].upper()
             if verb in (b"MAIL", b"RCPT"):
                 out.append(b"250 2.1.0 Ok\r\n")
+                if verb == b"MAIL":  # a new message: its BDAT chunks add up from here
+                    self.hdr, self.nbytes = bytearray(), 0
             elif verb == b"DATA":
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 transport.write(b"".join(out))
@@ -182,6 +206,18 @@ class SinkProtocol(asyncio.Protocol):
                     rest = self._data(rest)
                     self.buf = rest
                     transport = self.transport
+            elif verb == b"BDAT":
+                parts = line.split()
+                self.chunk_left = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+                self.chunk_last = len(parts) > 2 and parts[2].upper().startswith(b"LAST")
+                if out:
+                    transport.write(b"".join(out))
+                    out = []
+                self.mode = _BDAT
+                rest, self.buf = self.buf, b""
+                rest = self._chunk(rest)  # the data follows the command at once (RFC 3030)
+                self.buf = rest
+                transport = self.transport
             elif verb == b"EHLO":
                 out.append(self.ehlo[self.tls])
             elif verb == b"HELO":
@@ -227,6 +263,29 @@ class SinkProtocol(asyncio.Protocol):
             self._commands()
 
     # ---- data mode ----------------------------------------------------------------
+    def _chunk(self, data: bytes) -> bytes:
+        """Consume BDAT chunk octets; return what follows the chunk."""
+        take = min(self.chunk_left, len(data))
+        body = data[:take]
+        if len(self.hdr) < _HDR_KEEP:
+            self.hdr += body[: _HDR_KEEP - len(self.hdr)]
+        self.nbytes += take
+        self.chunk_left -= take
+        if self.chunk_left:
+            return b""
+        self.mode = _CMD
+        if take < len(data):  # a command sent before the reply to this chunk
+            self.stats.early_commands += 1
+        if not self.chunk_last:
+            if self.transport is not None:
+                self.transport.write(b"250 2.0.0 Ok: chunk\r\n")
+            return data[take:]
+        self.stats.record(bytes(self.hdr), self.nbytes)
+        self.hdr, self.nbytes = bytearray(), 0
+        if self.transport is not None:
+            self.transport.write(b"250 2.0.0 Ok: queued\r\n")
+        return data[take:]
+
     def _data(self, data: bytes) -> bytes:
         """Consume message bytes; return what follows the end-of-data dot (pipelined)."""
         tail = self.tail
@@ -313,9 +372,9 @@ async def main_async(args: argparse.Namespace) -> None:
     stats = Stats()
     ctx = server_context(args.cert, args.key)
     loop = asyncio.get_running_loop()
-    pipelining = not args.no_pipelining
+    pipelining, chunking = not args.no_pipelining, not args.no_chunking
     server = await loop.create_server(
-        lambda: SinkProtocol(stats, ctx, pipelining),
+        lambda: SinkProtocol(stats, ctx, pipelining, chunking),
         args.host,
         args.port,
         backlog=1024,
@@ -339,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--key", required=True)
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--no-pipelining", action="store_true", help="EHLO without PIPELINING")
+    p.add_argument("--no-chunking", action="store_true", help="EHLO without CHUNKING")
     p.add_argument("--max-lifetime", type=float, default=3600.0, help="exit after this many s")
     args = p.parse_args(argv)
     aio.run(main_async(args), not args.no_uvloop)

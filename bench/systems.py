@@ -135,14 +135,23 @@ class LineProcess:
 
 
 class Sink(LineProcess):
-    """bench.sink as a child process.  *pipelining*: whether its EHLO offers PIPELINING."""
+    """bench.sink as a child process.  *pipelining*, *chunking*: whether its EHLO
+    offers PIPELINING and CHUNKING."""
 
     def __init__(
-        self, cert: Path, key: Path, cpus: set[int] | None, workdir: Path, pipelining: bool = True
+        self,
+        cert: Path,
+        key: Path,
+        cpus: set[int] | None,
+        workdir: Path,
+        pipelining: bool = True,
+        chunking: bool = True,
     ) -> None:
         cmd = [PY, "-m", "bench.sink", "--cert", str(cert), "--key", str(key)]
         if not pipelining:
             cmd.append("--no-pipelining")
+        if not chunking:
+            cmd.append("--no-chunking")
         super().__init__(taskset(cpus, cmd), workdir, "sink.err")
         self.port = 0
 

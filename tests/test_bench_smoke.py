@@ -73,6 +73,30 @@ def test_sink_counts_message_ids_across_chunk_boundaries() -> None:
         assert out.endswith(b"221 2.0.0 Bye\r\n")
 
 
+def test_sink_takes_bdat_chunks_across_any_split() -> None:
+    """RFC 3030: the chunk's octets are counted, not searched for an end marker; a
+    message may come in several chunks, the last one marked LAST."""
+    one = b"Subject: x\r\nMessage-ID: <one@x>\r\n\r\n.\r\n"  # a lone period: just data
+    two_a, two_b = b"message-id: <two@x>\r\n\r\n", b"y" * 70000 + b"\r\n"
+    msg = (
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<c@bench.test>\r\nBDAT %d LAST\r\n%s" % (len(one), one)
+        + b"MAIL FROM:<a@b>\r\nRCPT TO:<c@bench.test>\r\n"
+        + b"BDAT %d\r\n%sBDAT %d LAST\r\n%sQUIT\r\n" % (len(two_a), two_a, len(two_b), two_b)
+    )
+    for step in (1, 2, 3, 5, 7, 4096, len(msg)):
+        chunks = [msg[i : i + step] for i in range(0, len(msg), step)]
+        stats, out = _session(chunks)
+        assert sorted(stats.arrivals) == ["one@x", "two@x"], step
+        assert stats.bytes == len(one) + len(two_a) + len(two_b)
+        assert out.count(b"250 2.0.0 Ok: queued") == 2 and out.count(b"Ok: chunk") == 1
+        assert out.endswith(b"221 2.0.0 Bye\r\n")
+
+
+def test_sink_offers_chunking_unless_told_not_to() -> None:
+    assert b"CHUNKING" in sink.ehlo_reply(True, True)
+    assert b"CHUNKING" not in sink.ehlo_reply(True, True, chunking=False)
+
+
 def test_sink_counts_duplicates_and_messages_without_id() -> None:
     one = b"MAIL FROM:<>\r\nRCPT TO:<x@y>\r\nDATA\r\nMessage-ID: <d@x>\r\n\r\nz\r\n.\r\n"
     bounce = b"MAIL FROM:<>\r\nRCPT TO:<x@y>\r\nDATA\r\nSubject: no id\r\n\r\nz\r\n.\r\n"
