@@ -30,6 +30,7 @@ import enum
 from collections.abc import Awaitable, Callable
 
 END = b"\r\n.\r\n"
+STUFFED = b"\r\n."  # a line that starts with a period, or the end marker
 READ_ALL = 1 << 30  # read() returns at most this much: everything buffered
 MAX_LINE = 1000  # octets including CRLF, RFC 5321 4.5.3.1.6
 _BLOCK = MAX_LINE // 2  # any LF-free run of MAX_LINE octets covers an aligned block of this
@@ -62,9 +63,13 @@ class DataScanner:
     def feed(self, chunk: bytes) -> tuple[bytes, bytes]:
         """Consume *chunk*: the content it completes (empty after a problem), and the
         bytes after the end marker (empty until it is found)."""
-        start = max(0, len(self._buf) - (len(END) - 1))
         self._buf += chunk
-        idx = self._buf.find(END, start)
+        # The end marker and every stuffed line start with CRLF "." (RFC 5321 4.5.2):
+        # one search finds the first of either, and most chunks have neither.
+        dot = self._buf.find(STUFFED)
+        idx = -1
+        if dot >= 0:
+            idx = dot if self._buf.startswith(END, dot) else self._buf.find(END, dot + 1)
         leftover = b""
         if idx >= 0:
             cut = idx + 2  # the content keeps the CRLF before the marker's period
@@ -84,12 +89,13 @@ class DataScanner:
         del self._buf[:cut]
         if self.done:
             self._buf = bytearray()
-        return self._content(region), leftover
+        return self._content(region, dot >= 0 and dot + len(STUFFED) <= cut), leftover
 
-    def _content(self, region: bytes) -> bytes:
+    def _content(self, region: bytes, stuffed: bool) -> bytes:
+        """*stuffed*: some line of *region* starts with a period."""
         if self.problem is DataProblem.NONE:
             self._check(region)
-        piece = region.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2
+        piece = region.replace(STUFFED, b"\r\n") if stuffed else region  # RFC 5321 4.5.2
         if self._virtual:
             piece, self._virtual = piece[2:], False
         self.size += len(piece)
