@@ -14,16 +14,13 @@ Run as its own process (``python -m bench.sink --port 0 --cert C --key K``).  It
     dump PATH      -> "ok"   write arrivals + CPU seconds as JSON to PATH
     quit / EOF     -> exit
 
-Arrival time = ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process
-on the machine) when the end-of-data dot was seen, just before the 250 is written.
-``--no-pipelining``: the EHLO reply leaves PIPELINING out (an MX that does not offer
-RFC 2920), so a correct client sends one command and waits for its reply.
-``--no-chunking``: it leaves CHUNKING out (RFC 3030 BDAT, offered by default as
-Postfix >= 3.4 and Exim do), so clients send DATA.  Either way
-the sink counts ``early_commands``: command lines (or message bytes after DATA) that
-arrived before the reply to the command ahead of them was written.  With PIPELINING
-offered that is a pipelined group; without, a client that pipelines anyway (RFC 2920
-forbids it), which the driver reports.
+Arrival time = ``time.monotonic()`` (the same clock in every process) at the end of the
+data (DATA's dot, BDAT LAST's last octet), just before the 250.  ``--no-pipelining`` /
+``--no-chunking``: the EHLO reply leaves PIPELINING (RFC 2920) / CHUNKING (RFC 3030,
+offered by default as Postfix >= 3.4 and Exim do) out.  The sink counts
+``early_commands``: command lines (or DATA's message bytes) that arrived before the
+reply to the command ahead was written: a pipelined group, or, without PIPELINING, a
+client that pipelines anyway (RFC 2920 forbids it), which the driver reports.
 
 Not: a validating SMTP server; it accepts any MAIL/RCPT and never rejects.
 """
@@ -192,32 +189,9 @@ class SinkProtocol(asyncio.Protocol):
                 out.append(b"250 2.1.0 Ok\r\n")
                 if verb == b"MAIL":  # a new message: its BDAT chunks add up from here
                     self.hdr, self.nbytes = bytearray(), 0
-            elif verb == b"DATA":
-                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                transport.write(b"".join(out))
-                out = []
-                self.mode = _DATA
-                self.hdr = bytearray()
-                self.tail = b"\r\n"
-                self.nbytes = 0
-                rest, self.buf = self.buf, b""
-                if rest:  # message bytes sent before the 354
-                    self.stats.early_commands += 1
-                    rest = self._data(rest)
-                    self.buf = rest
-                    transport = self.transport
-            elif verb == b"BDAT":
-                parts = line.split()
-                self.chunk_left = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                self.chunk_last = len(parts) > 2 and parts[2].upper().startswith(b"LAST")
-                if out:
-                    transport.write(b"".join(out))
-                    out = []
-                self.mode = _BDAT
-                rest, self.buf = self.buf, b""
-                rest = self._chunk(rest)  # the data follows the command at once (RFC 3030)
-                self.buf = rest
-                transport = self.transport
+            elif verb in (b"DATA", b"BDAT"):
+                self._message(line, out)
+                out, transport = [], self.transport
             elif verb == b"EHLO":
                 out.append(self.ehlo[self.tls])
             elif verb == b"HELO":
@@ -242,6 +216,24 @@ class SinkProtocol(asyncio.Protocol):
                 out.append(b"502 5.5.2 Command not recognized\r\n")
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
+
+    def _message(self, line: bytes, out: list[bytes]) -> None:
+        """DATA (after its 354) or BDAT: write the replies so far, take message bytes."""
+        if line[:4].upper() == b"DATA":
+            out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            self.mode, self.hdr, self.tail, self.nbytes = _DATA, bytearray(), b"\r\n", 0
+        else:  # RFC 3030: the chunk's octets follow the command at once
+            parts = line.split()
+            self.chunk_left = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.chunk_last = len(parts) > 2 and parts[2].upper().startswith(b"LAST")
+            self.mode = _BDAT
+        if out:
+            self.transport.write(b"".join(out))
+        rest, self.buf = self.buf, b""
+        if rest and self.mode == _DATA:  # message bytes sent before the 354
+            self.stats.early_commands += 1
+        if rest:
+            self.buf = self._data(rest) if self.mode == _DATA else self._chunk(rest)
 
     async def _starttls(self, transport: Any) -> None:
         loop = asyncio.get_running_loop()
