@@ -5,7 +5,8 @@ Role: pick the destination (a ``delivery.routes`` next hop, else the MX hosts fr
 :class:`relay.delivery.mx.MxResolver`), try each host address in order until the recipients are
 decided, with the TLS requirement of :func:`relay.tlspolicy.verdict.requirement` for each host;
 return one :class:`Outcome` per recipient (delivered / transient / permanent, classified
-where the reply or error was seen).  Keeps idle TLS sessions for reuse, enforces the
+where the reply or error was seen).  Reuses idle TLS sessions (relay.delivery.sessions),
+runs MTA-STS testing mode and counts sessions for TLS reports, enforces the
 global and per-domain concurrency limits and an overall deadline per call, and logs one
 line per progress.  Any TLS or policy failure is transient and moves on to the next MX;
 nothing is ever sent in plaintext (see relay.delivery.session).
@@ -13,7 +14,8 @@ nothing is ever sent in plaintext (see relay.delivery.session).
 Not: retry timing, spool state or bounces (relay.queue), MX lookup (relay.delivery.mx),
 which hosts DANE and MTA-STS allow (relay.delivery.hostpolicy), TLS verdicts
 (relay.tlspolicy), SMTP sessions and transactions (relay.delivery.session,
-relay.delivery.transaction), keeping idle sessions (relay.delivery.pool).
+relay.delivery.transaction), keeping idle sessions (relay.delivery.sessions,
+relay.delivery.pool).
 """
 
 from __future__ import annotations
@@ -31,14 +33,8 @@ from relay.delivery.mx import DnssecState, MxResolver, route_for
 from relay.delivery.outcome import Cause, Outcome, Status
 from relay.delivery.pool import QUIT_TIMEOUT, PoolKey, SessionPool
 from relay.delivery.progress import Progress, log_attempt, log_testing
-from relay.delivery.session import (
-    Failure,
-    OutboundSession,
-    Target,
-    Trace,
-    open_session,
-    polite_quit,
-)
+from relay.delivery.session import Failure, OutboundSession, Target, polite_quit
+from relay.delivery.sessions import Got, Sessions
 from relay.delivery.slots import Slots
 from relay.delivery.transaction import Transaction, transact
 from relay.domains import Domain
@@ -90,6 +86,7 @@ class Deliverer:
         self.resolver = resolver
         self._contexts = contexts
         self._pool = pool
+        self._sessions = Sessions(cfg, hostname, pool, metrics)
         self._sts = sts  # None: MTA-STS off (policy mta_sts: false)
         self._reports = reports  # None: no TLS reports (no tls_reports in the config)
         self._report_sender = report_sender  # reports' own sessions are not counted
@@ -201,7 +198,6 @@ class Deliverer:
         req = requirement(self.policy, domain, target.host, sts, tlsa, progress.mx_secure)
         if progress.requiretls:
             req = with_requiretls(req)
-        ctx_key, ctx = self._contexts.for_requirement(req)
         pending = progress.pending()
         progress.target = target
         refused = precheck(req)
@@ -209,33 +205,57 @@ class Deliverer:
             self._count(progress, domain, target, req, refused)
             self._no_session(progress, pending, Failure(refused.reason, None, refused), target, req)
             return
-        dane = req.policy_source is PolicySource.DANE  # then MTA-STS is not consulted
-        if sts is not None and sts.mode is Mode.TESTING and not dane:
-            got, ctx_key, ctx = await self._testing_session(
-                progress, domain, target, req, sts, (ctx_key, ctx)
-            )
-        else:
-            got = await self._session(
-                (target, ctx_key), target, req, ctx, ctx_key[0], progress.trace
-            )
-        key: PoolKey = (target, ctx_key)
-        if not (sts is not None and sts.mode is Mode.TESTING and not dane):  # testing: own count
-            if isinstance(got, Failure):
-                self._count(progress, domain, target, req, got.verdict, None, got.local_ip)
-            elif not got[2]:  # a new session (a reused one was counted when it was made)
-                self._count(progress, domain, target, req, got[1])
+        got, ctx_key, ctx = await self._open(progress, domain, target, req, sts)
         if isinstance(got, Failure):
             self._no_session(progress, pending, got, target, req)
             return
-        session, verdict, reused = got
+        key: PoolKey = (target, ctx_key)
+        session = got[0]
         if progress.requiretls and not session.smtp.supports_extension("requiretls"):
             reason = f"{target.label} does not offer REQUIRETLS, which the message requires"
             progress.fail(reason, Cause.TLS)
             progress.requiretls_failures += 1
             log_attempt(progress, pending, Status.TRANSIENT, reason, target, req, session.observed)
-            await self._release(key, session, True)  # fine for other mail
+            await self._sessions.release(key, session, True)  # fine for other mail
             return
         tx = Transaction(sender, mail_options, [progress.recipients[i] for i in pending], data)
+        await self._transact(progress, pending, key, req, ctx, tx, got)
+
+    async def _open(
+        self,
+        progress: Progress,
+        domain: Domain,
+        target: Target,
+        req: Requirement,
+        sts: StsPolicy | None,
+    ) -> tuple[Got, ContextKey, ssl.SSLContext]:
+        """A session to *target* for *req*, counted for the TLS reports (a reused one
+        was counted when it was made), and its client context."""
+        ctx_key, ctx = self._contexts.for_requirement(req)
+        dane = req.policy_source is PolicySource.DANE  # then MTA-STS is not consulted
+        if sts is not None and sts.mode is Mode.TESTING and not dane:  # counts on its own
+            return await self._testing_session(progress, domain, target, req, sts, (ctx_key, ctx))
+        got = await self._sessions.get((target, ctx_key), req, ctx, progress.trace)
+        if isinstance(got, Failure):
+            self._count(progress, domain, target, req, got.verdict, None, got.local_ip)
+        elif not got[2]:
+            self._count(progress, domain, target, req, got[1])
+        return got, ctx_key, ctx
+
+    async def _transact(
+        self,
+        progress: Progress,
+        pending: list[int],
+        key: PoolKey,
+        req: Requirement,
+        ctx: ssl.SSLContext,
+        tx: Transaction,
+        got: tuple[OutboundSession, Verdict, bool],
+    ) -> None:
+        """*tx* over the session *got*, or over a fresh one for each pooled session
+        found dead before any data went; the outcomes recorded and logged."""
+        target = key[0]
+        session, verdict, reused = got
         for _ in range(MAX_STALE + 1):
             try:
                 result = await transact(session, tx, self.cfg, progress.trace, reset=reused)
@@ -246,11 +266,11 @@ class Deliverer:
                 break
             # A pooled session died while idle; nothing was sent: the next one.
             await polite_quit(session.smtp, QUIT_TIMEOUT)
-            got = await self._session(key, target, req, ctx, ctx_key[0], progress.trace)
-            if isinstance(got, Failure):
-                self._no_session(progress, pending, got, target, req)
+            again = await self._sessions.get(key, req, ctx, progress.trace)
+            if isinstance(again, Failure):
+                self._no_session(progress, pending, again, target, req)
                 return
-            session, verdict, reused = got
+            session, verdict, reused = again
         session.messages += 1
         if result.session_error is not None:
             progress.other_failures += 1  # a 4xx or a dropped session: worth another try
@@ -259,7 +279,7 @@ class Deliverer:
         groups = progress.record(pending, result, session, req, verdict)
         for (status, reason), indexes in groups.items():
             log_attempt(progress, indexes, status, reason, target, req, session.observed, verdict)
-        await self._release(key, session, result.reusable and result.session_error is None)
+        await self._sessions.release(key, session, result.reusable and result.session_error is None)
 
     async def _testing_session(
         self,
@@ -269,16 +289,14 @@ class Deliverer:
         req: Requirement,
         sts: StsPolicy,
         floor: tuple[ContextKey, ssl.SSLContext],
-    ) -> tuple[tuple[OutboundSession, Verdict, bool] | Failure, ContextKey, ssl.SSLContext]:
+    ) -> tuple[Got, ContextKey, ssl.SSLContext]:
         """MTA-STS mode testing (RFC 8461 5): judge the session as enforce would, log
         the outcome, deliver under the floor.  The handshake verifies the chain so the
         policy can be judged; if the chain is what fails, the floor (which may not ask
         for a trusted certificate) gets a session of its own."""
         probe = requirement(self.policy, domain, target.host, replace(sts, mode=Mode.ENFORCE))
         probe_key, probe_ctx = self._contexts.for_requirement(probe)
-        got = await self._session(
-            (target, probe_key), target, req, probe_ctx, probe_key[0], progress.trace
-        )
+        got = await self._sessions.get((target, probe_key), req, probe_ctx, progress.trace)
         if not isinstance(got, Failure):
             judged = decide(probe, got[0].observed)
             self._log_testing(progress, domain, target, judged)
@@ -291,9 +309,7 @@ class Deliverer:
         floor_key, floor_ctx = floor
         if not untrusted or floor_key == probe_key:
             return got, probe_key, probe_ctx  # the floor fails the same way
-        got = await self._session(
-            (target, floor_key), target, req, floor_ctx, floor_key[0], progress.trace
-        )
+        got = await self._sessions.get((target, floor_key), req, floor_ctx, progress.trace)
         return got, floor_key, floor_ctx
 
     def _log_testing(
@@ -353,41 +369,3 @@ class Deliverer:
             failure.observed,
             failure.verdict,
         )
-
-    async def _session(
-        self,
-        key: PoolKey,
-        target: Target,
-        req: Requirement,
-        ctx: ssl.SSLContext,
-        verify: bool,
-        trace: Trace,
-    ) -> tuple[OutboundSession, Verdict, bool] | Failure:
-        """A pooled session that still satisfies *req*, or a new one; and whether it
-        is a reused one (transact then sends RSET first, which also proves it alive)."""
-        while self.cfg.connection_reuse and (session := self._pool.take(key)) is not None:
-            verdict = decide(req, session.observed)  # the same pure verdict as a new session
-            if verdict.ok:
-                return session, verdict, True
-            await polite_quit(session.smtp, QUIT_TIMEOUT)  # unfit now: not a failure
-        got = await open_session(target, req, ctx, verify, self.cfg, self.hostname, trace)
-        if isinstance(got, Failure):
-            return got
-        observed, level = got[0].observed, got[1].level_met
-        self.metrics.outbound_tls.labels(
-            version=observed.tls_version or "none",
-            level=level.label if level is not None else "none",
-            policy=req.policy_source.value,
-        ).inc()
-        return (*got, False)
-
-    async def _release(self, key: PoolKey, session: OutboundSession, reusable: bool) -> None:
-        if (
-            reusable
-            and self.cfg.connection_reuse
-            and session.messages < self.cfg.max_messages_per_connection
-            and session.smtp.is_connected
-        ):
-            self._pool.put(key, session)
-        else:
-            await polite_quit(session.smtp, QUIT_TIMEOUT)
