@@ -38,7 +38,14 @@ from relay import log as relaylog
 from relay import metrics as metricsmod
 from relay import workers
 from relay.audit.trail import AuditTrail
-from relay.config import Config, DeliveryConfig, PolicyConfig, TlsLevel, TlsReportsConfig
+from relay.config import (
+    Config,
+    DeliveryConfig,
+    Limits,
+    PolicyConfig,
+    TlsLevel,
+    TlsReportsConfig,
+)
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.mx import MxResolver
 from relay.delivery.pool import SessionPool
@@ -168,6 +175,17 @@ class App:
         event(log, "relay_stopped")
 
 
+def worker_limits(limits: Limits, worker: workers.Worker | None) -> Limits:
+    """One worker's share of the connection caps (rounded up)."""
+    if worker is None:
+        return limits
+    return dataclasses.replace(
+        limits,
+        max_connections=-(-limits.max_connections // worker.count),
+        max_connections_per_ip=-(-limits.max_connections_per_ip // worker.count),
+    )
+
+
 def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     """Create every part from *cfg*; nothing listens until :meth:`App.start`.
     As one of several workers: that worker's share of the connection caps, its
@@ -178,15 +196,7 @@ def build(cfg: Config, worker: workers.Worker | None = None) -> App:
     executor = auth_executor()
     passwords = PasswordChecker(users, executor) if users is not None else None
     context = tlscontext.server_context(cfg.tls)
-    limits = cfg.limits
-    if worker is not None:
-        share = worker.count
-        limits = dataclasses.replace(
-            limits,
-            max_connections=-(-limits.max_connections // share),
-            max_connections_per_ip=-(-limits.max_connections_per_ip // share),
-        )
-    gate = Gate(limits, cfg.clients.networks)  # caps are per process, not per listener
+    gate = Gate(worker_limits(cfg.limits, worker), cfg.clients.networks)  # per process
     metrics = Metrics()
     resolver = MxResolver(
         cfg.delivery.resolver, max_hosts=cfg.delivery.max_mx_hosts, dnssec=cfg.policy.dane

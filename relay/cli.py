@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     _add_config(p)
 
+    _add_reports(sub)
+    _add_queue(sub)
+    _add_gen_cert(sub)
+
+    p = sub.add_parser("passwd", help="add or change a user in the users file")
+    p.add_argument("user")
+    _add_config(p)
+    return parser
+
+
+def _add_reports(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tls-reports", help="RFC 8460 TLS reports: list unsent data, send")
     _add_config(p)
     rsub = p.add_subparsers(dest="reports_command", required=True)
@@ -72,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(r)
 
+
+def _add_queue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("queue", help="inspect and manage the spool")
     _add_config(p)
     qsub = p.add_subparsers(dest="queue_command", required=True)
@@ -93,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true")
     _add_config(q)
 
+
+def _add_gen_cert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "gen-cert",
         help="self-signed ECDSA P-256 certificate and key, valid 365 days",
@@ -112,11 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="RSA 2048 instead, as rsa-cert.pem / rsa-key.pem (tls.rsa_cert / tls.rsa_key)",
     )
-
-    p = sub.add_parser("passwd", help="add or change a user in the users file")
-    p.add_argument("user")
-    _add_config(p)
-    return parser
 
 
 def _read_password() -> str:
