@@ -152,24 +152,48 @@ def temp_name(target: str) -> str:
     return os.path.join(folder, f"{TMP_PREFIX}{name}.{_pid}.{next(_tmp_serial)}")
 
 
-_closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
 _closer: list[threading.Thread] = []
+_held: list[int] = []  # given on the event loop, handed to the thread together
+_handing: list[asyncio.AbstractEventLoop | None] = [None]  # the loop a hand-over waits on
+CLOSE_BATCH = 0.02  # seconds they may wait there: one thread wake-up per batch
 
 
 def close_soon(fd: int) -> None:
     """Close *fd* in a background thread.  For the descriptor of a file already
     unlinked (a delivered message): its last close frees the inode, which on ext4
-    waits for the journal, and must not stall the event loop."""
+    waits for the journal, and must not stall the event loop.  Descriptors given on
+    an event loop go to the thread together, at most CLOSE_BATCH seconds later: a
+    thread wake-up (and GIL hand-over) per delivered message cost about 3 % of the
+    relay's CPU at 2 KiB.  Nobody else can want such a descriptor's flock: the file
+    has no name any more."""
     if not _closer or not _closer[0].is_alive():  # first use, or a forked worker
         _closer[:] = [threading.Thread(target=_close_forever, name="spool-close", daemon=True)]
         _closer[0].start()
-    _closing.put(fd)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not on an event loop: now
+        _closing.put([fd])
+        return
+    _held.append(fd)
+    if _handing[0] is not loop:  # none waiting, or on a loop that may be gone (tests)
+        _handing[0] = loop
+        loop.call_later(CLOSE_BATCH, _hand_over)
+
+
+def _hand_over() -> None:
+    fds = _held[:]
+    _held.clear()
+    _handing[0] = None
+    if fds:
+        _closing.put(fds)
 
 
 def _close_forever() -> None:
     while True:
-        with contextlib.suppress(OSError):
-            os.close(_closing.get())
+        for fd in _closing.get():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import safeio
 from relay.errors import CorruptMessage, MessageBusy, MessageNotFound, SpoolError
 from relay.queue.envelope import (
     Attempt,
@@ -341,3 +342,47 @@ async def test_a_queue_id_collision_never_overwrites_a_message(spool: Spool) -> 
         await spool.store_soon(again, b"second, on the loop")
     assert spool.load(first.id) == first and spool.read_data(first.id) == b"first"
     assert sorted(os.listdir(spool.queue_dir)) == [first.id]
+
+
+def test_close_soon_hands_loop_descriptors_over_together(tmp_path: Path) -> None:
+    """Descriptors of removed messages given on the event loop stay open for up to
+    CLOSE_BATCH seconds and are then closed by the background thread, all at once;
+    off the loop, at once."""
+
+    def opened(n: int) -> list[tuple[int, int]]:
+        out = []
+        for i in range(n):
+            path = tmp_path / f"m{i}-{len(list(tmp_path.iterdir()))}"
+            path.write_bytes(b"x")
+            fd = os.open(path, os.O_RDONLY)
+            out.append((fd, os.fstat(fd).st_ino))
+            path.unlink()
+        return out
+
+    def still_open(fd: int, ino: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == ino  # the number may be reused once closed
+        except OSError:
+            return False
+
+    def closed_within(fds: list[tuple[int, int]], seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not any(still_open(fd, ino) for fd, ino in fds):
+                return True
+            time.sleep(0.005)
+        return False
+
+    async def main() -> bool:
+        fds = opened(3)
+        for fd, _ in fds:
+            safeio.close_soon(fd)
+        held = all(still_open(fd, ino) for fd, ino in fds)
+        await asyncio.sleep(safeio.CLOSE_BATCH * 3)
+        return held and closed_within(fds, 5.0)
+
+    assert asyncio.run(main())
+    assert asyncio.run(main())  # a second loop: the first one's hand-over is not awaited
+    off_loop = opened(1)
+    safeio.close_soon(off_loop[0][0])
+    assert closed_within(off_loop, 5.0)
