@@ -14,7 +14,7 @@ Not: where the file is or its layout (relay.queue.spool, relay.queue.msgfile).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
@@ -67,7 +67,7 @@ class Body:
             raise OSError(f"{self.path}: message data is truncated")
         return data
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
         """The data, in memory at once, from disk a CHUNK at a time (OSError if it
         cannot be read)."""
         if self.data is not None:

@@ -36,9 +36,8 @@ from relay.delivery.params import (
 from relay.delivery.session import OutboundSession, Target, Trace
 from relay.delivery.txresult import (
     TxResult,
-    data_lost,
-    data_reply,
     decide_all,
+    inline_replies,
     mail_accepted,
     rcpts_accepted,
     send_message,
@@ -217,16 +216,18 @@ async def _pipelined(call: _Call, opts: list[str], encoding: str, reset: bool) -
     )
     timeout = call.cfg.command_timeout * (2 if inline else 1)  # BDAT's is the final reply
     replies, error = await pipelined(smtp, lines, timeout, tx.data if inline else None)
+    if inline:  # the data is out already
+        count = len(tx.recipients)
+        inline_replies(smtp, replies, error, sent, count, reset, target, result)
+        return
     lost = f"connection lost at {target.label}: {error}"
     if reset:
         rset = replies.pop(0) if replies else None
-        if rset is None or (rset.code != 250 and not inline):
+        if rset is None or rset.code != 250:
             smtp.close()  # gone or unfit for reuse; what it said to the rest does not count
             result.stale = True
             result.session_error = lost if rset is None else f"{target.label} refused RSET"
             return
-        if rset.code != 250:  # the data went too: what the rest said counts; no reuse
-            smtp.close()
     if not replies:
         result.session_error = lost
         return
@@ -237,38 +238,14 @@ async def _pipelined(call: _Call, opts: list[str], encoding: str, reset: bool) -
     accepted = rcpts_accepted(smtp, sent, rcpts, target, result)
     if accepted is None:
         return
-    if call.chunking:
-        await _chunks(call, accepted, rest, error, inline, len(rcpts) == len(sent))
-    else:
+    if not call.chunking:
         await _data_started(call, accepted, rest, lost)
-
-
-async def _chunks(
-    call: _Call,
-    accepted: list[int],
-    rest: list[SMTPResponse],
-    error: Exception | None,
-    inline: bool,
-    all_rcpts: bool,
-) -> None:
-    """After the pipelined MAIL and RCPTs: BDAT's reply (*rest*) when the data went
-    with them, else BDAT now."""
-    smtp, target, result = call.smtp, call.target, call.result
-    if not all_rcpts:  # the connection broke before every RCPT reply came
-        if inline and accepted:
-            data_lost(accepted, "BDAT", target, error or OSError("no reply"), result)
-        else:
-            result.session_error = f"connection lost at {target.label}: {error}"
-        return
-    if not accepted:  # a small message's BDAT got its refusal too; nothing else was sent
-        result.reusable = smtp.is_connected
-        return
-    if not inline:
-        await call.send(accepted)
-    elif rest:
-        data_reply(smtp, rest[0], accepted, target, result)
+    elif len(rcpts) < len(sent):  # the connection broke first; nothing of the data went
+        result.session_error = lost
+    elif not accepted:
+        result.reusable = smtp.is_connected  # the next use starts with RSET
     else:
-        data_lost(accepted, "BDAT", target, error or OSError("no reply"), result)
+        await call.send(accepted)  # BDAT now that a recipient was accepted
 
 
 async def _data_started(

@@ -14,12 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import aiosmtplib
-from aiosmtplib import SMTPException, SMTPResponse, SMTPResponseException
+from aiosmtplib import (
+    SMTPException,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
 
 from relay.body import Body
 from relay.delivery.outcome import Decision, Status, decision_for, raw_reply, reply_text
 from relay.delivery.session import Target, Trace
-from relay.delivery.wiredata import send_bdat, send_data
+from relay.delivery.wiredata import DataUnreadable, send_bdat, send_data
 
 
 @dataclass
@@ -164,3 +169,60 @@ async def send_message(
         data_lost(accepted, verb, target, exc, result)
     else:
         data_reply(smtp, reply, accepted, target, result)
+
+
+def inline_replies(
+    smtp: aiosmtplib.SMTP,
+    replies: list[SMTPResponse],
+    error: Exception | None,
+    sent: list[int],
+    count: int,
+    reset: bool,
+    target: Target,
+    result: TxResult,
+) -> None:
+    """The replies to [RSET,] MAIL, the RCPTs and ``BDAT <n> LAST`` whose data went in
+    the same write (RFC 3030 4.2), and *error* if the group did not end well.
+
+    The data is out: a reply that is missing or cannot be trusted defers the
+    recipients it would have decided (RFC 1047: the MX may have taken the message)
+    rather than sending them to another MX now.  Refusals that came before a break
+    count.  One exception: a pooled session that answered nothing at all, or only a
+    421, was gone before the write (closed by the MX while idle) - ``stale``, and
+    the same recipients go over a fresh session.  *count*: recipients of the
+    transaction; *sent*: those that had an RCPT line."""
+    gone = not replies or (len(replies) == 1 and replies[0].code == 421)
+    dropped = isinstance(error, SMTPServerDisconnected) and not isinstance(error, DataUnreadable)
+    if reset and gone and dropped:
+        smtp.close()
+        result.stale = True
+        result.session_error = f"reused session to {target.label} is gone"
+        return
+    odd = False
+    if reset and replies:
+        odd = replies.pop(0).code != 250  # a refused RSET: only a 250 to BDAT counts
+    full = len(replies) == len(sent) + 2
+    if error is not None or odd:
+        smtp.close()
+    cause = error or SMTPResponseException(-1, f"{target.label} refused RSET")
+    if (full and error is not None) or (odd and not (full and replies[-1].code == 250)):
+        return _defer_sent(sent, target, cause, result)  # out of step: trust none of it
+    if not replies:
+        return _defer_sent(sent, target, cause, result)
+    if not mail_accepted(smtp, replies[0], False, count, target, result):
+        return None  # refused: so was the BDAT that followed
+    rcpts = replies[1 : 1 + len(sent)]
+    accepted = rcpts_accepted(smtp, sent, rcpts, target, result)
+    if accepted is None:
+        return None  # a 421: the MX is closing, and took nothing after it
+    if not full:  # every recipient not refused before the break may have the message
+        return data_lost(accepted + sent[len(rcpts) :], "BDAT", target, cause, result)
+    if accepted:
+        data_reply(smtp, replies[-1], accepted, target, result)
+    else:  # the BDAT got its refusal too
+        result.reusable = smtp.is_connected
+    return None
+
+
+def _defer_sent(sent: list[int], target: Target, error: Exception, result: TxResult) -> None:
+    data_lost([i for i in sent if i not in result.decided], "BDAT", target, error, result)

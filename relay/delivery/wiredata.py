@@ -48,6 +48,11 @@ MAX_REPLIES_BYTES = 4 * MAX_REPLY_LINE + 64 * 1024  # a group's replies, buffere
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's command-injection check
 
 
+class DataUnreadable(SMTPServerDisconnected):
+    """The message data could not be read from its spool file; the session was closed
+    before the data ended, so the server takes nothing of it."""
+
+
 def dot_stuff(data: bytes) -> bytes:
     """RFC 5321 4.5.2: double a leading period on every line; add the end marker."""
     body = b"." + data if data.startswith(b".") else data
@@ -133,8 +138,16 @@ async def write_body(
     stops reading - closes the session before the end, so the server never takes a
     truncated or unsafe message."""
     stuffer = Stuffer() if stuff else None
+    pieces = body.pieces()
     try:
-        async for piece in body.pieces():
+        while True:
+            try:
+                piece = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except OSError as exc:  # the spool file, not the connection
+                smtp.close()
+                raise DataUnreadable(f"message data could not be read: {exc}") from exc
             out = piece if stuffer is None else stuffer.feed(piece)
             if stuffer is not None and not crlf_only(out):
                 raise OSError("message data is not CRLF-only")
@@ -144,9 +157,13 @@ async def write_body(
         end = b"" if stuffer is None else stuffer.end()
         if not crlf_only(end):
             raise OSError("message data is not CRLF-only")
-    except OSError as exc:  # TimeoutError included
+    except DataUnreadable:
+        raise
+    except OSError as exc:  # TimeoutError and ConnectionError included
         smtp.close()
         raise SMTPServerDisconnected(f"message data could not be sent: {exc}") from exc
+    finally:
+        await pieces.aclose()
     if end:
         protocol.write(end)
 
