@@ -307,6 +307,9 @@ async def _recipients(
             trace.stage = f"RCPT TO at {target.label}"
             await smtp.rcpt(address, options=rcpt_options(options, smtp), encoding=encoding)
         except SMTPResponseException as exc:
+            if 200 <= exc.code < 300 and smtp.is_connected:  # e.g. 252: aiosmtplib wants 250/251
+                accepted.append(i)
+                continue
             decision = decision_for(exc.code, exc.message, target)
             if exc.code == 421 or not smtp.is_connected:
                 result.session_error = decision.reason  # the MX closed: try the next MX

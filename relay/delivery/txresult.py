@@ -98,8 +98,8 @@ def rcpts_accepted(
             smtp.close()
             result.session_error = decision.reason  # the MX is closing: try the next MX
             return None
-        if reply.code in (250, 251):
-            accepted.append(i)
+        if 200 <= reply.code < 300:  # 250, 251 (RFC 5321 4.2.2), or a stray 2xx such as 252:
+            accepted.append(i)  # the data, not this reply, decides it
         else:
             result.decided[i] = decision
     return accepted

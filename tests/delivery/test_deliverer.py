@@ -707,6 +707,24 @@ async def test_envelope_and_data_replies(
     assert len(peer.messages) == delivered_to_peer
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_stray_2xx_to_rcpt_is_decided_by_the_data_reply(
+    ca: trustme.CA, ca_file: Path, peers: list, pipelining: bool, chunking: bool
+) -> None:
+    """A 252 to RCPT (a VRFY code, but 2xx): the recipient is sent the message and the
+    reply to the data decides it - it used to count as delivered with no data sent."""
+    ext = extensions(pipelining) + ("CHUNKING",) * chunking
+    peer = await _tls_peer(
+        peers, ca, extensions=ext, rcpt_replies={"a@example.test": "252 2.1.5 will try"}
+    )
+    resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
+    d = new_deliverer(make_cfg(peer.port, ca_file), policy(), "relay.test", resolver, Metrics())
+    (outcome,) = await send(d, ["a@example.test"])
+    assert outcome.status is Status.DELIVERED and '"250 ' in outcome.reason, outcome.reason
+    assert [m.recipients for m in peer.messages] == [["a@example.test"]]
+
+
 async def test_idle_pooled_session_is_quit_after_the_idle_timeout(
     ca: trustme.CA, ca_file: Path, peers: list
 ) -> None:
