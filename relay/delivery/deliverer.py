@@ -219,7 +219,7 @@ class Deliverer:
             await self._sessions.release(key, session, True)  # fine for other mail
             return
         tx = Transaction(sender, mail_options, [progress.recipients[i] for i in pending], data)
-        await self._transact(progress, pending, key, req, ctx, tx, got)
+        await self._transact(progress, domain, pending, key, req, ctx, tx, got)
 
     async def _open(
         self,
@@ -245,6 +245,7 @@ class Deliverer:
     async def _transact(
         self,
         progress: Progress,
+        domain: Domain,
         pending: list[int],
         key: PoolKey,
         req: Requirement,
@@ -268,9 +269,12 @@ class Deliverer:
             await polite_quit(session.smtp, QUIT_TIMEOUT)
             again = await self._sessions.get(key, req, ctx, progress.trace)
             if isinstance(again, Failure):
+                self._count(progress, domain, target, req, again.verdict, None, again.local_ip)
                 self._no_session(progress, pending, again, target, req)
                 return
             session, verdict, reused = again
+            if not reused:  # RFC 8460: a new session, counted like the first one
+                self._count(progress, domain, target, req, verdict)
         session.messages += 1
         if result.session_error is not None:
             progress.other_failures += 1  # a 4xx or a dropped session: worth another try

@@ -33,6 +33,8 @@ from relay.tlspolicy.contexts import ClientContexts
 from relay.tlspolicy.dane import Tlsa, TlsaSet, TlsaStatus
 from relay.tlspolicy.mtasts import parse_policy
 from relay.tlspolicy.ststore import StsState
+from relay.tlsrpt import counts as tlsrpt_counts
+from relay.tlsrpt.counts import TlsCounts
 from tests.fixtures import badpeers
 from tests.fixtures.badpeers import SmtpPeer, StripStartTlsProxy, server_context, start
 from tests.fixtures.net import free_port
@@ -506,6 +508,33 @@ async def test_reuse_limit_and_dead_pooled_connection(
     finally:
         await d.close()
     assert peer.connections == 3 and len(peer.messages) == 4
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+async def test_a_session_replacing_a_dead_pooled_one_is_counted_for_tls_reports(
+    ca: trustme.CA, ca_file: Path, peers: list, tmp_path: Path, chunking: bool
+) -> None:
+    """RFC 8460 counts every TLS session: the fresh one opened because the pooled
+    session answered RSET with 421 and closed is counted too (it used not to be)."""
+    ext = extensions(True) + ("CHUNKING",) * chunking
+    peer = await _tls_peer(peers, ca, extensions=ext, rset_reply="421 4.4.2 idle too long")
+    resolver = FakeResolver({"example.test": [("mx1.example.test", PEER1)]})
+    reports = TlsCounts(tmp_path)
+    reports.setup()
+    cfg = make_cfg(peer.port, ca_file)
+    d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics(), reports=reports)
+    try:
+        for n in range(2):
+            out = await d.deliver(
+                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], MESSAGE
+            )
+            assert out[0].status is Status.DELIVERED
+    finally:
+        await d.close()
+    reports.flush()
+    (day,) = tlsrpt_counts.days(tmp_path)
+    (counted,) = tlsrpt_counts.load_day(tmp_path, day)["example.test"]
+    assert peer.connections == 2 and counted.success == 2 and not counted.failures
 
 
 async def test_reuse_off(ca: trustme.CA, ca_file: Path, peers: list) -> None:
