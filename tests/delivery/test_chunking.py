@@ -31,6 +31,7 @@ from tests.delivery.test_deliverer import (
     make_cfg,
     policy,
     send,
+    send_each,
 )
 from tests.fixtures.badpeers import SmtpPeer, server_context, start
 from tests.fixtures.net import free_port
@@ -150,14 +151,8 @@ async def test_a_pooled_session_carries_bdat_transactions(
     d = new_deliverer(
         make_cfg(peer.port, ca_file), policy(), "r.test", FakeResolver(RESOLVER), Metrics()
     )
-    try:
-        for n, status in enumerate((Status.DELIVERED, Status.PERMANENT, Status.DELIVERED)):
-            out = await d.deliver(
-                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], DOTS
-            )
-            assert out[0].status is status, out[0].reason
-    finally:
-        await d.close()
+    statuses = await send_each(d, 3, DOTS)
+    assert statuses == [Status.DELIVERED, Status.PERMANENT, Status.DELIVERED]
     assert peer.connections == 1
     assert [m.recipients for m in peer.messages] == [["r0@example.test"], ["r2@example.test"]]
     assert all(m.data == DOTS for m in peer.messages)

@@ -116,6 +116,21 @@ async def send(
         await deliverer.close()
 
 
+async def send_each(deliverer: Deliverer, count: int, data: bytes = MESSAGE) -> list[Status]:
+    """Message n to r<n>@example.test, one after the other over the deliverer's pool
+    (closed after); each one's status."""
+    statuses = []
+    try:
+        for n in range(count):
+            out = await deliverer.deliver(
+                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], data
+            )
+            statuses.append(out[0].status)
+    finally:
+        await deliverer.close()
+    return statuses
+
+
 # ---- delivery to a real Postfix -------------------------------------------------------
 
 
@@ -213,14 +228,7 @@ async def test_connection_reuse_with_postfix(postfix_mx: PostfixMx, ca_file: Pat
     d = new_deliverer(
         make_cfg(postfix_mx.port, ca_file), policy(), "relay.test", resolver, Metrics()
     )
-    try:
-        for n in range(2):
-            out = await d.deliver(
-                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], MESSAGE
-            )
-            assert out[0].status is Status.DELIVERED
-    finally:
-        await d.close()
+    assert await send_each(d, 2) == [Status.DELIVERED] * 2
     postfix_mx.wait_messages(2)
     assert postfix_mx.tls_sessions() == 1
     postfix_mx.wait_log("mail=2")  # two transactions in one session, RSET between
@@ -523,14 +531,7 @@ async def test_a_session_replacing_a_dead_pooled_one_is_counted_for_tls_reports(
     reports.setup()
     cfg = make_cfg(peer.port, ca_file)
     d = new_deliverer(cfg, policy(), "relay.test", resolver, Metrics(), reports=reports)
-    try:
-        for n in range(2):
-            out = await d.deliver(
-                f"Q{n}", "app@src.test", (), "example.test", [(f"r{n}@example.test", ())], MESSAGE
-            )
-            assert out[0].status is Status.DELIVERED
-    finally:
-        await d.close()
+    assert await send_each(d, 2) == [Status.DELIVERED] * 2
     reports.flush()
     (day,) = tlsrpt_counts.days(tmp_path)
     (counted,) = tlsrpt_counts.load_day(tmp_path, day)["example.test"]
