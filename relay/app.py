@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from relay import log as relaylog
 from relay import metrics as metricsmod
-from relay import workers
+from relay import threads, workers
 from relay.audit.trail import AuditTrail
 from relay.config import (
     Config,
@@ -322,12 +322,13 @@ AUTH_THREADS = 2  # scrypt checks at once, per process; more wait in line
 
 def auth_executor() -> concurrent.futures.ThreadPoolExecutor:
     """The password checks' own threads (see relay.intake.auth.PasswordChecker)."""
-    return concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="auth")
+    return threads.executor(AUTH_THREADS, "auth")
 
 
 async def run(app: App) -> int:
     """Start *app*, wait for SIGTERM/SIGINT, stop it; the exit code."""
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(threads.executor(None, "relay"))  # to_thread: file work
     stopping = asyncio.Event()
     for sig in workers.STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay import threads
+
 TMP_PREFIX = ".tmp-"
 _tmp_serial = itertools.count()  # next() is atomic under the GIL
 _pid = os.getpid()  # a syscall each time otherwise; forked workers get their own
@@ -190,6 +192,7 @@ def _hand_over() -> None:
 
 
 def _close_forever() -> None:
+    threads.batch()
     while True:
         for fd in _closing.get():
             with contextlib.suppress(OSError):
@@ -248,6 +251,7 @@ class Committer:
                 self._thread.start()
 
     def _run(self) -> None:
+        threads.batch()  # its wake-ups do not preempt the event loop
         while True:
             batch = [self._jobs.get()]
             with contextlib.suppress(queue.Empty):

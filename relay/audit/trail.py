@@ -14,7 +14,6 @@ Not: what a record holds (built by the queue from an Outcome's Evidence), readin
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
@@ -25,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from relay import threads
 from relay.errors import RelayError
 
 GENESIS = "0" * 64  # `prev` of the first line ever written
@@ -79,7 +79,7 @@ class AuditTrail:
         self.root = root
         self._pending: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._thread = threads.executor(1, "audit")
         # (file, its size, hash of its last line) after our last write: the next batch
         # skips reading the tail back when no other process wrote in between.
         self._tail: tuple[Path, int, str] | None = None

@@ -10,6 +10,8 @@ tests, then on the standard loop only, could not see.  Only 127.0.0.1 is contact
 from __future__ import annotations
 
 import datetime as dt
+import os
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -167,3 +169,25 @@ def test_a_certificate_expiring_soon_is_warned_about(
     assert "WARNING" in line and "certificate expires in 9 days" in line
     out = proc.command("check-config")
     assert out.returncode == 0 and "warning: " in out.stdout and "expires in 9 days" in out.stdout
+
+
+def test_helper_threads_do_not_preempt_the_event_loop(relay: RelayFactory) -> None:
+    """relay.threads on the real serve: once a message was accepted, the spool's
+    commit thread and the default executor's thread run SCHED_BATCH under their own
+    names; the event loop's thread keeps the normal policy.  (Threads of C libraries,
+    such as libuv's resolver pool, are left as they are: they never take the GIL.)"""
+    proc = relay()
+    proc.wait_log("relay_started")
+    with smtplib.SMTP(HOST, proc.starttls_port, timeout=15) as client:
+        client.starttls(context=proc.client_context())
+        client.sendmail("a@src.test", ["b@example.test"], b"Subject: t\r\n\r\nhi\r\n")
+    proc.wait_log("message_queued")
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    names = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        names[name] = names.get(name, set()) | {os.sched_getscheduler(int(tid))}
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+    assert names["spool-commit"] == {os.SCHED_BATCH}, names
+    assert names["relay_0"] == {os.SCHED_BATCH}, names  # asyncio.to_thread's executor
