@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from relay.log import LineFormatter, format_event
+from relay import log as relaylog
+from relay.log import LineFormatter, event, format_event
 
 
 @pytest.mark.parametrize("created", [0.0, 1700000000.0, 1700000000.9999, 1764398000.123456])
@@ -50,3 +51,36 @@ def test_client_values_cannot_forge_lines_or_drive_a_terminal() -> None:
         'auth_failed user="bob\\r\\n2026-01-01 00:00:00,000 INFO relay.listener auth_ok '
         'user=root\\x1b[2J\\x85\\u2028\\x7f\\udcff"'
     )
+
+
+def test_info_events_bypass_logging_but_read_the_same(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """relay.log.setup's handler alone: an INFO event is written directly, in the
+    very format the handler uses; with any other handler present (a test's capture,
+    an operator's), every event goes through logging, so nothing is missed."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, relaylog._direct[0])
+    logger = logging.getLogger("relay.test.direct")
+    try:
+        relaylog.setup("INFO")
+        (handler,) = root.handlers
+        records: list[logging.LogRecord] = []
+        handler.emit = records.append  # type: ignore[method-assign]  # the machinery, if used
+        event(logger, "hello", who="a b")
+        assert records == []  # bypassed
+        direct = capsys.readouterr().err
+        handler.emit = logging.StreamHandler.emit.__get__(handler)  # type: ignore[method-assign]
+        logger.info('hello who="a b"')  # the same line through logging
+        assert capsys.readouterr().err[24:] == direct[24:]  # all but the time
+        assert direct.endswith(' INFO relay.test.direct hello who="a b"\n')
+        other: list[logging.LogRecord] = []
+        extra = logging.Handler()
+        extra.emit = other.append  # type: ignore[method-assign]
+        root.addHandler(extra)
+        event(logger, "seen")
+        assert [r.getMessage() for r in other] == ["seen"]
+        event(logger, "warned", logging.WARNING)  # WARNING and up: always logging's
+        assert [r.getMessage() for r in other] == ["seen", "warned"]
+    finally:
+        root.handlers[:], root.level, relaylog._direct[0] = saved[0], saved[1], saved[2]
