@@ -328,7 +328,6 @@ def auth_executor() -> concurrent.futures.ThreadPoolExecutor:
 async def run(app: App) -> int:
     """Start *app*, wait for SIGTERM/SIGINT, stop it; the exit code."""
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(threads.executor(None, "relay"))  # to_thread: file work
     stopping = asyncio.Event()
     for sig in workers.STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)

@@ -173,9 +173,8 @@ def test_a_certificate_expiring_soon_is_warned_about(
 
 def test_helper_threads_do_not_preempt_the_event_loop(relay: RelayFactory) -> None:
     """relay.threads on the real serve: once a message was accepted, the spool's
-    commit thread and the default executor's thread run SCHED_BATCH under their own
-    names; the event loop's thread keeps the normal policy.  (Threads of C libraries,
-    such as libuv's resolver pool, are left as they are: they never take the GIL.)"""
+    commit thread runs SCHED_BATCH under its own name; the event loop's thread, and
+    asyncio's executor that moves large messages' pieces, keep the normal policy."""
     proc = relay()
     proc.wait_log("relay_started")
     with smtplib.SMTP(HOST, proc.starttls_port, timeout=15) as client:
@@ -190,4 +189,3 @@ def test_helper_threads_do_not_preempt_the_event_loop(relay: RelayFactory) -> No
         names[name] = names.get(name, set()) | {os.sched_getscheduler(int(tid))}
     assert os.sched_getscheduler(pid) == os.SCHED_OTHER
     assert names["spool-commit"] == {os.SCHED_BATCH}, names
-    assert names["relay_0"] == {os.SCHED_BATCH}, names  # asyncio.to_thread's executor
