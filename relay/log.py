@@ -6,6 +6,7 @@ relay.app / relay.cli; modules only call :func:`event`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -67,8 +68,18 @@ class _DirectLine:
         self.formatter = LineFormatter()
 
     def alone(self, logger: logging.Logger) -> bool:
-        """Whether a record from *logger* would reach only our handler."""
-        return logging.root.handlers == [self.handler] and not logger.handlers and logger.propagate
+        """Whether a record from *logger* would reach our handler, unfiltered, and
+        nothing else: no handler or filter on the way up to the root, none stopping
+        propagation, our handler the root's only one."""
+        handler, root = self.handler, logging.root
+        if root.handlers != [handler] or handler.filters or root.filters or handler.level:
+            return False
+        node: logging.Logger | None = logger
+        while node is not None and node is not root:
+            if node.handlers or node.filters or not node.propagate:
+                return False
+            node = node.parent
+        return True
 
     def write(self, name: str, level: int, message: str) -> None:
         handler = self.handler
@@ -79,7 +90,8 @@ class _DirectLine:
                 handler.flush()
             except Exception:  # as logging.Handler.handleError: never raise into callers
                 if logging.raiseExceptions:
-                    sys.stderr.write(f"--- logging error writing {line!r}\n")
+                    with contextlib.suppress(Exception):  # stderr itself may be the broken one
+                        sys.stderr.write(f"--- logging error writing {line!r}\n")
 
 
 _direct: list[_DirectLine | None] = [None]

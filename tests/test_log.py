@@ -84,3 +84,44 @@ def test_info_events_bypass_logging_but_read_the_same(
         assert [r.getMessage() for r in other] == ["seen", "warned"]
     finally:
         root.handlers[:], root.level, relaylog._direct[0] = saved[0], saved[1], saved[2]
+
+
+def test_the_direct_path_respects_every_logger_on_the_way_and_a_broken_stream(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A handler, a filter or propagate=False on a parent logger ("relay") sends the
+    line through logging; a stream that fails to write never raises into the caller."""
+    root, parent = logging.getLogger(), logging.getLogger("relay.test")
+    saved = (root.handlers[:], root.level, relaylog._direct[0])
+    logger = logging.getLogger("relay.test.parents")
+    try:
+        relaylog.setup("INFO")
+        direct = relaylog._direct[0]
+        assert direct is not None and direct.alone(logger)
+        seen: list[logging.LogRecord] = []
+        extra = logging.Handler()
+        extra.emit = seen.append  # type: ignore[method-assign]
+        parent.addHandler(extra)
+        assert not direct.alone(logger)
+        event(logger, "via-parent")
+        assert [r.getMessage() for r in seen] == ["via-parent"]
+        parent.removeHandler(extra)
+        parent.propagate = False
+        assert not direct.alone(logger)
+        parent.propagate = True
+
+        class Broken:
+            def write(self, text: str) -> None:
+                raise BrokenPipeError("gone")
+
+            def flush(self) -> None:
+                raise BrokenPipeError("gone")
+
+        direct.handler.stream = Broken()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.stderr", Broken())
+            event(logger, "lost quietly")  # must not raise
+    finally:
+        parent.propagate = True
+        root.handlers[:], root.level, relaylog._direct[0] = saved[0], saved[1], saved[2]
+        capsys.readouterr()
