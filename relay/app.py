@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from relay import log as relaylog
 from relay import metrics as metricsmod
-from relay import threads, workers
+from relay import safeio, threads, workers
 from relay.audit.trail import AuditTrail
 from relay.config import (
     Config,
@@ -340,6 +340,7 @@ async def run(app: App) -> int:
     finally:
         for sig in (*workers.STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        safeio.flush_closes()  # lock descriptors the loop will not hand over any more
     return 0
 
 

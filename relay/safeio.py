@@ -17,6 +17,7 @@ Not: knowing what the files mean (relay.queue.spool, relay.intake.users, relay.c
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -156,7 +157,7 @@ def temp_name(target: str) -> str:
 
 _closing: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
 _closer: list[threading.Thread] = []
-_held: list[int] = []  # given on the event loop, handed to the thread together
+_held: collections.deque[int] = collections.deque()  # given on the loop, handed over together
 _handing: list[asyncio.AbstractEventLoop | None] = [None]  # the loop a hand-over waits on
 CLOSE_BATCH = 0.02  # seconds they may wait there: one thread wake-up per batch
 
@@ -184,11 +185,18 @@ def close_soon(fd: int) -> None:
 
 
 def _hand_over() -> None:
-    fds = _held[:]
-    _held.clear()
+    """The held descriptors to the closing thread (also at the end of ``serve``: a
+    loop that stops first never runs its hand-over)."""
     _handing[0] = None
+    fds = []
+    with contextlib.suppress(IndexError):
+        while True:
+            fds.append(_held.popleft())  # each pop atomic: one appended meanwhile stays
     if fds:
         _closing.put(fds)
+
+
+flush_closes = _hand_over
 
 
 def _close_forever() -> None:

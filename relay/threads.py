@@ -35,10 +35,12 @@ def batch() -> None:
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:
         return
-    with contextlib.suppress(OSError):  # pid 0: this thread, not the process
+    # Anything refused (musl returns ENOSYS) leaves the thread as it was: a pool
+    # whose initializer raised would be broken for good.
+    with contextlib.suppress(Exception):  # pid 0: this thread, not the process
         os.sched_setscheduler(0, policy, os.sched_param(0))
     name = threading.current_thread().name.encode("ascii", "replace")[:15]  # TASK_COMM_LEN
-    with contextlib.suppress(AttributeError, OSError):
+    with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
