@@ -235,12 +235,24 @@ class Deliverer:
         dane = req.policy_source is PolicySource.DANE  # then MTA-STS is not consulted
         if sts is not None and sts.mode is Mode.TESTING and not dane:  # counts on its own
             return await self._testing_session(progress, domain, target, req, sts, (ctx_key, ctx))
-        got = await self._sessions.get((target, ctx_key), req, ctx, progress.trace)
+        return await self._counted(progress, domain, (target, ctx_key), req, ctx), ctx_key, ctx
+
+    async def _counted(
+        self,
+        progress: Progress,
+        domain: Domain,
+        key: PoolKey,
+        req: Requirement,
+        ctx: ssl.SSLContext,
+    ) -> Got:
+        """A session for *req* (pooled or new), a new one or a failure counted for the
+        TLS reports (RFC 8460 counts every session; a reused one was counted when made)."""
+        got = await self._sessions.get(key, req, ctx, progress.trace)
         if isinstance(got, Failure):
-            self._count(progress, domain, target, req, got.verdict, None, got.local_ip)
+            self._count(progress, domain, key[0], req, got.verdict, None, got.local_ip)
         elif not got[2]:
-            self._count(progress, domain, target, req, got[1])
-        return got, ctx_key, ctx
+            self._count(progress, domain, key[0], req, got[1])
+        return got
 
     async def _transact(
         self,
@@ -267,14 +279,11 @@ class Deliverer:
                 break
             # A pooled session died while idle; nothing was sent: the next one.
             await polite_quit(session.smtp, QUIT_TIMEOUT)
-            again = await self._sessions.get(key, req, ctx, progress.trace)
+            again = await self._counted(progress, domain, key, req, ctx)
             if isinstance(again, Failure):
-                self._count(progress, domain, target, req, again.verdict, None, again.local_ip)
                 self._no_session(progress, pending, again, target, req)
                 return
             session, verdict, reused = again
-            if not reused:  # RFC 8460: a new session, counted like the first one
-                self._count(progress, domain, target, req, verdict)
         session.messages += 1
         if result.session_error is not None:
             progress.other_failures += 1  # a 4xx or a dropped session: worth another try
