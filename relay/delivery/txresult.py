@@ -205,9 +205,8 @@ def inline_replies(
     if error is not None or odd:
         smtp.close()
     cause = error or SMTPResponseException(-1, f"{target.label} refused RSET")
-    if (full and error is not None) or (odd and not (full and replies[-1].code == 250)):
-        return _defer_sent(sent, target, cause, result)  # out of step: trust none of it
-    if not replies:
+    out_of_step = (full and error is not None) or (odd and not (full and replies[-1].code == 250))
+    if out_of_step or not replies:  # trust none of it, or there is none
         return _defer_sent(sent, target, cause, result)
     if not mail_accepted(smtp, replies[0], False, count, target, result):
         return None  # refused: so was the BDAT that followed

@@ -70,15 +70,13 @@ async def send_data(
     message and the final reply.  A message on disk goes a piece at a time, each
     written once the transport has room (relay.body), never whole in memory."""
     body = data if isinstance(data, Body) else Body.of(data)
-    protocol = smtp.protocol
-    lock = getattr(protocol, "_command_lock", None)
-    usable = protocol is not None and lock is not None and hasattr(protocol, "_response_pending")
-    if not usable or (body.data is not None and not crlf_only(body.data)):
+    usable = _usable(smtp)
+    if usable is None or (body.data is not None and not crlf_only(body.data)):
         if started or body.data is None:  # never send such data raw, nor a file whole
             smtp.close()
             raise SMTPServerDisconnected("message data cannot be sent safely; connection closed")
         return await smtp.data(body.data, timeout=timeout)
-    assert protocol is not None and lock is not None
+    protocol, lock = usable
     try:
         async with lock:
             if not started:
@@ -106,11 +104,11 @@ def bdat_line(body: Body) -> bytes:
 async def send_bdat(smtp: aiosmtplib.SMTP, body: Body, timeout: float) -> SMTPResponse:
     """``BDAT <size> LAST``, the message as it is stored - no dot-stuffing, no end
     marker, no scan: the server counts octets (RFC 3030) - and the final reply."""
-    protocol = smtp.protocol
-    lock = getattr(protocol, "_command_lock", None)
-    if protocol is None or lock is None or not hasattr(protocol, "_response_pending"):
+    usable = _usable(smtp)
+    if usable is None:
         smtp.close()
         raise SMTPServerDisconnected("message data cannot be sent safely; connection closed")
+    protocol, lock = usable
     try:
         async with lock:
             protocol._response_pending = True
@@ -120,6 +118,16 @@ async def send_bdat(smtp: aiosmtplib.SMTP, body: Body, timeout: float) -> SMTPRe
     except (SMTPServerDisconnected, SMTPTimeoutError):
         smtp.close()
         raise
+
+
+def _usable(smtp: aiosmtplib.SMTP) -> tuple[SMTPProtocol, asyncio.Lock] | None:
+    """The connected protocol and its command lock, when aiosmtplib's internals are
+    the ones relay.internals lists; else None (the data cannot be sent our way)."""
+    protocol = smtp.protocol
+    lock = getattr(protocol, "_command_lock", None)
+    if protocol is None or lock is None or not hasattr(protocol, "_response_pending"):
+        return None
+    return protocol, lock
 
 
 async def _final_reply(protocol: SMTPProtocol, timeout: float) -> SMTPResponse:
