@@ -22,6 +22,7 @@ from relay.delivery.transaction import INLINE_MAX
 from relay.delivery.txresult import TxResult, inline_replies
 from relay.metrics import Metrics
 from tests.delivery.test_deliverer import (
+    ENVELOPE_REPLIES,
     MESSAGE,
     PEER1,
     PEER2,
@@ -94,11 +95,7 @@ async def test_a_large_message_waits_for_the_rcpt_replies(
 @pytest.mark.parametrize(
     ("kw", "expected", "delivered"),
     [
-        ({"mail_reply": "550 5.7.1 sender rejected"}, [Status.PERMANENT] * 2, 0),
-        ({"mail_reply": "451 4.3.0 try again"}, [Status.TRANSIENT] * 2, 0),
-        ({"data_reply": "554 5.6.0 content rejected"}, [Status.PERMANENT] * 2, 0),
-        ({"data_reply": "452 4.3.1 out of space"}, [Status.TRANSIENT] * 2, 0),
-        ({"rcpt_replies": {"b@example.test": "421 4.3.2 closing"}}, [Status.TRANSIENT] * 2, 0),
+        *ENVELOPE_REPLIES,
         (
             {"rcpt_replies": {"a@example.test": "550 5.1.1 no such user"}},
             [Status.PERMANENT, Status.DELIVERED],

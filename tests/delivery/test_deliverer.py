@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -706,16 +707,17 @@ async def test_concurrency_limits(ca: trustme.CA, ca_file: Path, peers: list) ->
     assert peer.connections == 6 and peer.max_active <= 2
 
 
-@pytest.mark.parametrize(
-    ("kw", "expected", "delivered_to_peer"),
-    [
-        ({"mail_reply": "550 5.7.1 sender rejected"}, [Status.PERMANENT] * 2, 0),
-        ({"mail_reply": "451 4.3.0 try again"}, [Status.TRANSIENT] * 2, 0),
-        ({"data_reply": "554 5.6.0 content rejected"}, [Status.PERMANENT] * 2, 0),
-        ({"data_reply": "452 4.3.1 out of space"}, [Status.TRANSIENT] * 2, 0),
-        ({"rcpt_replies": {"b@example.test": "421 4.3.2 closing"}}, [Status.TRANSIENT] * 2, 0),
-    ],
-)
+# Peer replies -> the two recipients' statuses and how many messages the peer kept.
+ENVELOPE_REPLIES: list[tuple[dict[str, Any], list[Status], int]] = [
+    ({"mail_reply": "550 5.7.1 sender rejected"}, [Status.PERMANENT] * 2, 0),
+    ({"mail_reply": "451 4.3.0 try again"}, [Status.TRANSIENT] * 2, 0),
+    ({"data_reply": "554 5.6.0 content rejected"}, [Status.PERMANENT] * 2, 0),
+    ({"data_reply": "452 4.3.1 out of space"}, [Status.TRANSIENT] * 2, 0),
+    ({"rcpt_replies": {"b@example.test": "421 4.3.2 closing"}}, [Status.TRANSIENT] * 2, 0),
+]
+
+
+@pytest.mark.parametrize(("kw", "expected", "delivered_to_peer"), ENVELOPE_REPLIES)
 @pytest.mark.parametrize("pipelining", [False, True])
 async def test_envelope_and_data_replies(
     kw: dict,
